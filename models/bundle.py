@@ -1,0 +1,129 @@
+"""Model bundle: a directory with `weights.safetensors` and `card.json`; loading never unpickles code."""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from models.registry import build_model
+
+CARD_FORMAT_VERSION = 1
+WEIGHTS_FILE = "weights.safetensors"
+CARD_FILE = "card.json"
+REQUIRED_CARD_KEYS = ("architecture", "class_names", "input_size", "normalization")
+
+
+@dataclass
+class Bundle:
+    """A loaded model and its card (architecture, classes, preprocessing, threshold, metrics, provenance)."""
+
+    model: nn.Module
+    card: dict[str, Any]
+    path: Path | None = None
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.card["class_names"])
+
+    @property
+    def malignant_classes(self) -> list[str]:
+        return list(self.card.get("malignant_classes", []))
+
+    @property
+    def input_size(self) -> int:
+        return int(self.card["input_size"])
+
+    @property
+    def operating_threshold(self) -> float | None:
+        value = self.card.get("operating_threshold")
+        return None if value is None else float(value)
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def library_versions() -> dict[str, str]:
+    """Versions of the libraries a bundle's numbers depend on."""
+    import importlib.metadata as md
+
+    versions = {}
+    for dist in ("torch", "monai", "numpy", "lesionlab"):
+        try:
+            versions[dist] = md.version(dist)
+        except md.PackageNotFoundError:
+            continue
+    return versions
+
+
+def save_bundle(path: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
+    """Write `model`'s weights and `card` into directory `path` (each file replaced atomically)."""
+    missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
+    if missing:
+        raise ValueError(f"model card lacks {missing}; a bundle needs {list(REQUIRED_CARD_KEYS)}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    card = {"format_version": CARD_FORMAT_VERSION, "versions": library_versions(), **card}
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.")
+    os.close(fd)
+    save_file(state, tmp, metadata={"format": "pt"})
+    os.replace(tmp, path / WEIGHTS_FILE)
+    _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
+    return path
+
+
+def read_card(path: str | Path) -> dict[str, Any]:
+    """Read and check a bundle's `card.json`."""
+    path = Path(path)
+    card_path = path / CARD_FILE
+    if not card_path.is_file():
+        raise FileNotFoundError(f"'{path}' is not a model bundle: it has no {CARD_FILE}")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"'{card_path}' is not valid JSON: {err}") from err
+    missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
+    if missing:
+        raise ValueError(f"'{card_path}' lacks {missing}")
+    return card
+
+
+def build_from_card(card: dict[str, Any]) -> nn.Module:
+    """Rebuild the (possibly pruned) network a card describes, with random weights."""
+    arch = card["architecture"]
+    kwargs = dict(arch.get("kwargs", {}))
+    kwargs.pop("pretrained", None)  # the bundle's own weights replace any initialisation
+    model = build_model(arch["name"], num_classes=len(card["class_names"]), img_size=card["input_size"], **kwargs)
+    if arch.get("channel_plan"):
+        from models.pruned import apply_channel_plan
+
+        apply_channel_plan(model, arch["channel_plan"])
+    return model
+
+
+def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
+    """Load a bundle directory: rebuild the network from its card, then load safetensors weights strictly."""
+    path = Path(path)
+    card = read_card(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        raise FileNotFoundError(f"model bundle '{path}' has no {WEIGHTS_FILE}")
+    model = build_from_card(card)
+    model.load_state_dict(load_file(weights, device="cpu"), strict=True)
+    model.to(device).eval()
+    return Bundle(model=model, card=card, path=path)

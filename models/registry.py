@@ -1,0 +1,142 @@
+"""`build_model(name, ...)`: every classifier lesionlab trains, by name."""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from models.classifier import ImageClassifier, SmallCNN, ViTBackbone
+from models.efficientnet import (
+    LITE_NORMALIZATION,
+    LITE_SPECS,
+    EfficientNetBackbone,
+    build_efficientnet_bn,
+    build_efficientnet_lite,
+    load_lite_imagenet,
+)
+
+IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+HALF_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
+
+
+def _efficientnet_lite(name: str):
+    def build(num_classes: int, img_size: int, pretrained: bool = False, dropout: float = 0.2, **_: Any) -> nn.Module:
+        net = build_efficientnet_lite(name, num_classes=1000, image_size=img_size)
+        if pretrained:
+            load_lite_imagenet(net, name)
+        backbone = EfficientNetBackbone(net)
+        return ImageClassifier(backbone, backbone.out_channels, num_classes, dropout)
+
+    return build
+
+
+def _efficientnet_bn(name: str):
+    def build(num_classes: int, img_size: int, dropout: float = 0.2, **_: Any) -> nn.Module:
+        backbone = EfficientNetBackbone(build_efficientnet_bn(name, img_size))
+        return ImageClassifier(backbone, backbone.out_channels, num_classes, dropout)
+
+    return build
+
+
+def _vit(
+    num_classes: int,
+    img_size: int,
+    patch_size: int = 16,
+    hidden_size: int = 192,
+    mlp_dim: int = 768,
+    num_layers: int = 6,
+    num_heads: int = 3,
+    dropout: float = 0.1,
+    **_: Any,
+) -> nn.Module:
+    from monai.networks.nets import ViT
+
+    if img_size % patch_size:
+        raise ValueError(f"ViT input size {img_size} px is not a multiple of the patch size {patch_size} px")
+    vit = ViT(
+        in_channels=3,
+        img_size=(img_size, img_size),
+        patch_size=(patch_size, patch_size),
+        hidden_size=hidden_size,
+        mlp_dim=mlp_dim,
+        num_layers=num_layers,
+        num_heads=num_heads,
+        classification=False,
+        spatial_dims=2,
+        post_activation=None,
+        dropout_rate=dropout,
+        save_attn=True,
+    )
+    return ImageClassifier(ViTBackbone(vit), hidden_size, num_classes, dropout)
+
+
+def _small_cnn(num_classes: int, img_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), **_: Any) -> nn.Module:
+    backbone = SmallCNN(3, tuple(widths))
+    return ImageClassifier(backbone, backbone.out_channels, num_classes, 0.2)
+
+
+# name -> builder; a "module:function" string is imported on first use (for networks that live in their own file).
+_BUILDERS: dict[str, Callable[..., nn.Module] | str] = {
+    "vit": _vit,
+    "small-cnn": _small_cnn,
+    **{name: _efficientnet_lite(name) for name in LITE_SPECS},
+    **{f"efficientnet-b{i}": _efficientnet_bn(f"efficientnet-b{i}") for i in range(8)},
+    "scmil": "models.scmil:build_scmil",
+}
+
+# Input normalisation each architecture was (pre)trained with; the bundle stores it for serving.
+NORMALIZATION = {name: LITE_NORMALIZATION for name in LITE_SPECS}
+
+
+def available_models() -> list[str]:
+    """Names `build_model` accepts."""
+    return sorted(_BUILDERS)
+
+
+def default_normalization(name: str) -> dict[str, list[float]]:
+    """Mean/std a model of this architecture expects (EfficientNet-Lite: 0.498/0.502; others: 0.5/0.5)."""
+    return NORMALIZATION.get(name, HALF_NORMALIZATION)
+
+
+def build_model(
+    name: str,
+    num_classes: int,
+    img_size: int = 224,
+    checkpoint: str | Path | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a classifier by name; `checkpoint` is a local state dict (safetensors or .pt) to initialise from."""
+    if name not in _BUILDERS:
+        raise ValueError(f"unknown model '{name}'; expected one of {available_models()}")
+    if num_classes < 2:
+        raise ValueError(f"a classifier needs at least 2 classes, got {num_classes}")
+    builder = _BUILDERS[name]
+    if isinstance(builder, str):
+        module_name, function = builder.split(":")
+        builder = getattr(importlib.import_module(module_name), function)
+    model = builder(num_classes=num_classes, img_size=img_size, **kwargs)
+    if checkpoint is not None:
+        load_checkpoint(model, Path(checkpoint))
+    return model
+
+
+def load_checkpoint(model: nn.Module, path: Path) -> None:
+    """Initialise `model` from a local file; a head whose shape differs (other class count) is left as built."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint '{path}' does not exist")
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(path)
+    else:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state) if isinstance(state, dict) else state
+    own = model.state_dict()
+    usable = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not usable:
+        raise ValueError(f"checkpoint '{path}' shares no weights with this model (keys or shapes differ)")
+    model.load_state_dict(usable, strict=False)
