@@ -1,0 +1,193 @@
+"""The `lesionlab` command line: one sub-command per pipeline stage."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from pathlib import Path
+
+import pipelines  # noqa: F401 - sets the offline/private environment defaults
+
+log = logging.getLogger("lesionlab")
+
+# Modules that register more sub-commands through `add_cli(subparsers)`.
+COMMAND_MODULES: list[str] = ["pipelines.captions", "pipelines.synthesis"]
+
+
+class CliError(Exception):
+    """A user error the CLI reports as one line (exit code 2)."""
+
+
+def _cmd_ingest(args: argparse.Namespace) -> None:
+    from pipelines.manifest import grouped_split, ingest_class_folders, ingest_ham10000, write_manifest
+
+    if args.format == "ham10000":
+        df = ingest_ham10000(args.root, args.metadata, args.images)
+    else:
+        df = ingest_class_folders(args.root)
+    if not args.no_split:
+        df = grouped_split(df, args.val_fraction, args.test_fraction, args.seed)
+    write_manifest(df, args.out)
+    print(f"manifest with {len(df)} images written to {args.out}")
+    if not args.no_split:
+        print(df.groupby(["label", "split"]).size().unstack(fill_value=0).to_string())
+
+
+def _cmd_run(args: argparse.Namespace) -> None:
+    from pipelines.config import load_config
+    from pipelines.run import run_pipeline
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or config.run_dir)
+    outputs = run_pipeline(config, run_dir)
+    print(f"run directory: {run_dir}")
+    for stage, result in outputs.items():
+        for key in ("bundle", "report", "manifest"):
+            if key in result:
+                print(f"  {stage}: {key} -> {result[key]}")
+
+
+def _cmd_train(args: argparse.Namespace) -> None:
+    from pipelines.config import load_config
+    from pipelines.run import run_pipeline, stage_ingest
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or config.run_dir)
+    if config.mil is not None:
+        run_pipeline(config.model_copy(update={"pruning": None, "balancing": None}), run_dir)
+        print(f"MIL run written to {run_dir}")
+        return
+    if args.manifest:
+        manifest = Path(args.manifest)
+    else:
+        manifest = Path(stage_ingest(config, run_dir, None)["manifest"])
+    from pipelines.training import train_from_config
+
+    bundle = train_from_config(config, run_dir, manifest)
+    print(f"bundle: {bundle}\nreport: {run_dir / 'report' / 'report.md'}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from pipelines.evaluation import evaluate_bundle
+
+    out = Path(args.out or Path(args.bundle) / "evaluation")
+    metrics = evaluate_bundle(args.bundle, args.data, out, split=args.split)
+    summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+    print(f"report: {out / 'report.md'}\n{summary}")
+
+
+def _cmd_predict(args: argparse.Namespace) -> None:
+    from models.bundle import read_card
+    from pipelines.prediction import Predictor, list_images
+
+    card = read_card(args.bundle)
+    if card.get("task") == "mil":
+        from pipelines.mil import predict_slides_cli
+
+        predict_slides_cli(args)
+        return
+    paths = list_images(args.images)
+    predictor = Predictor.from_path(args.bundle)
+    table, errors = predictor.predict_files(paths)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.6f")
+    for err in errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    print(f"{len(table)} predictions written to {out}; {len(errors)} files skipped")
+
+
+def _cmd_serve(args: argparse.Namespace) -> None:
+    # The CLI lives in pipelines/, the UI in app/; `serve` is the one place that reaches up, by name.
+    importlib.import_module("app.server").serve_cli(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    parser = argparse.ArgumentParser(prog="lesionlab", description="Imbalance-aware medical image classification.")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="read a dataset layout into a manifest CSV and split it by group")
+    p.add_argument("--format", choices=["ham10000", "folders"], default="ham10000")
+    p.add_argument("--root", required=True, help="dataset folder")
+    p.add_argument("--metadata", help="metadata CSV (default: ROOT/metadata.csv)")
+    p.add_argument("--images", action="append", help="image folder(s) (default: ROOT/images)")
+    p.add_argument("--out", required=True, help="manifest CSV to write")
+    p.add_argument("--val-fraction", type=float, default=0.15)
+    p.add_argument("--test-fraction", type=float, default=0.15)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-split", action="store_true", help="leave split empty")
+    p.set_defaults(func=_cmd_ingest)
+
+    p = sub.add_parser("run", help="run every stage the config enables, resuming a finished or killed run")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir")
+    p.add_argument("overrides", nargs="*", help="section.field=value")
+    p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("train", help="train a classifier from a config (ingest + split + train)")
+    p.add_argument("--config", required=True)
+    p.add_argument("--run-dir")
+    p.add_argument("--manifest", help="use this manifest instead of ingesting the config's data")
+    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. training.epochs=3")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a bundle on a manifest (its test split) or a dataset folder")
+    p.add_argument("--bundle", required=True)
+    p.add_argument("--data", required=True, help="manifest CSV or dataset folder")
+    p.add_argument("--split", default="test", help="manifest split to evaluate (default test; all rows if absent)")
+    p.add_argument("--out", help="report folder (default BUNDLE/evaluation)")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser("predict", help="predict a folder or CSV of images; one CSV row per image")
+    p.add_argument("--bundle", default=str(default_bundle_path()))
+    p.add_argument("--images", required=True, help="folder of images or CSV with a 'path' column")
+    p.add_argument("--out", required=True, help="CSV to write")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("serve", help="launch the Gradio web app")
+    p.add_argument("--models", default=str(default_bundle_path().parent), help="folder of model bundles")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--concurrency", type=int, default=2, help="requests processed at once")
+    p.add_argument("--max-file-mb", type=float, default=25.0)
+    p.add_argument("--max-megapixels", type=float, default=50.0)
+    p.set_defaults(func=_cmd_serve)
+
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_cli(sub)
+    return parser
+
+
+def default_bundle_path() -> Path:
+    """The bundle shipped with lesionlab (models/default_bundle in the source tree or the install)."""
+    return Path(__file__).resolve().parent.parent / "models" / "default_bundle"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `lesionlab` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipelines.config import ConfigError
+    from pipelines.images import ImageError
+    from pipelines.manifest import ManifestError
+
+    try:
+        args.func(args)
+    except (CliError, ConfigError, ManifestError, ImageError, FileNotFoundError, ValueError, KeyError) as err:
+        if args.debug:
+            raise
+        message = err.args[0] if isinstance(err, KeyError) and err.args else err
+        print(f"lesionlab {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

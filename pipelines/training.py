@@ -1,0 +1,373 @@
+"""The project's trainer (Hugging Face Accelerate) and image-classifier training from a run config."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+from sklearn.metrics import balanced_accuracy_score
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from pipelines.config import RunConfig, TrainSettings
+
+log = logging.getLogger(__name__)
+
+Batch = Any
+ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
+LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class FitResult:
+    """What `fit` returns: the best model (unwrapped, on its device) and the per-epoch history."""
+
+    model: nn.Module
+    best_epoch: int
+    best_score: float
+    history: list[dict[str, float]] = field(default_factory=list)
+    train_images_per_s: float = float("nan")
+
+
+def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images, labels) batch -> (logits, labels)."""
+    images, labels = batch
+    return model(images), labels
+
+
+def class_counts(labels: list[str] | pd.Series, class_names: list[str]) -> list[int]:
+    """Number of samples of each class, in `class_names` order."""
+    series = pd.Series(list(labels))
+    return [int((series == name).sum()) for name in class_names]
+
+
+def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0."""
+
+    def factor(step: int) -> float:
+        if step < warmup_steps:
+            return (step + 1) / max(1, warmup_steps)
+        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+
+    return factor
+
+
+def make_accelerator(settings: TrainSettings):
+    """An Accelerator for the requested device and precision (float32 on CPU unless asked)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    cpu = settings.device == "cpu" or (settings.device == "auto" and not torch.cuda.is_available())
+    if settings.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("training.device is 'cuda' but no CUDA device is available")
+    mixed = settings.mixed_precision
+    if cpu and mixed == "fp16":
+        raise ValueError("fp16 mixed precision needs a GPU; use bf16 or 'no' on CPU")
+    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    set_seed(settings.seed)
+    return accelerator
+
+
+def _atomic_json(path: Path, payload: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=2))
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def predict_loader(model: nn.Module, loader: DataLoader, accelerator, forward: ForwardFn) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a (prepared) loader, gathered from every process."""
+    model.eval()
+    all_probs, all_labels = [], []
+    for batch in loader:
+        logits, labels = forward(model, batch)
+        probs = torch.softmax(logits.float(), dim=-1)
+        probs, labels = accelerator.gather_for_metrics((probs, labels))
+        all_probs.append(probs.cpu())
+        all_labels.append(labels.cpu())
+    return torch.cat(all_probs).numpy(), torch.cat(all_labels).numpy()
+
+
+def fit(
+    model: nn.Module,
+    train_loader: DataLoader,
+    val_loader: DataLoader,
+    loss_fn: LossFn,
+    settings: TrainSettings,
+    run_dir: str | Path,
+    accelerator=None,
+    forward: ForwardFn = default_forward,
+    on_epoch_start: Callable[[int, int], None] | None = None,
+    loss_forward: Callable[[nn.Module, Batch, int], torch.Tensor] | None = None,
+) -> FitResult:
+    """Train with AdamW + warm-up/cosine, early-stop on validation balanced accuracy, checkpoint every epoch.
+
+    `on_epoch_start(epoch, total_epochs)` lets a task change per-epoch state (SC-MIL's β schedule);
+    `loss_forward(model, batch, epoch)` replaces `loss_fn(forward(...))` for losses that need more than logits.
+    A run directory that holds `checkpoints/last` is resumed when `settings.resume` is true.
+    """
+    run_dir = Path(run_dir)
+    ckpt_dir = run_dir / "checkpoints"
+    accelerator = accelerator or make_accelerator(settings)
+    main = accelerator.is_main_process
+    if main:
+        ckpt_dir.mkdir(parents=True, exist_ok=True)
+
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=settings.lr, weight_decay=settings.weight_decay
+    )
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = len(train_loader)
+    if settings.max_steps_per_epoch:
+        steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
+    total_steps = max(1, steps_per_epoch * settings.epochs)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_cosine(total_steps, int(settings.warmup_epochs * steps_per_epoch))
+    )
+    accelerator.register_for_checkpointing(scheduler)
+
+    state = {"epoch": 0, "best_epoch": -1, "best_score": -1.0, "history": [], "bad_epochs": 0}
+    last = ckpt_dir / "last"
+    if settings.resume and (last / "trainer_state.json").is_file():
+        accelerator.load_state(str(last))
+        state = json.loads((last / "trainer_state.json").read_text())
+        log.info("resumed from %s after epoch %d", last, state["epoch"])
+
+    writer = None
+    if main:
+        from torch.utils.tensorboard import SummaryWriter
+
+        writer = SummaryWriter(str(run_dir / "tensorboard"))
+
+    images_seen, train_seconds = 0, 0.0
+    for epoch in range(state["epoch"], settings.epochs):
+        if state["bad_epochs"] >= settings.patience:
+            break
+        if on_epoch_start is not None:
+            on_epoch_start(epoch, settings.epochs)
+        model.train()
+        if hasattr(train_loader, "set_epoch"):
+            train_loader.set_epoch(epoch)
+        running, n_batches, started = 0.0, 0, time.perf_counter()
+        bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not main, leave=False)
+        for step, batch in enumerate(train_loader):
+            if step >= steps_per_epoch:
+                break
+            with accelerator.autocast():
+                if loss_forward is not None:
+                    loss = loss_forward(model, batch, epoch)
+                else:
+                    logits, labels = forward(model, batch)
+                    loss = loss_fn(logits.float(), labels)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            running += loss.item()
+            n_batches += 1
+            images_seen += len(batch[1]) * accelerator.num_processes
+            bar.update(1)
+            bar.set_postfix(loss=f"{running / n_batches:.3f}")
+        bar.close()
+        train_seconds += time.perf_counter() - started
+
+        probs, labels = predict_loader(model, val_loader, accelerator, forward)
+        score = float(balanced_accuracy_score(labels, probs.argmax(1)))
+        record = {"epoch": epoch + 1, "train_loss": running / max(1, n_batches), "val_balanced_accuracy": score,
+                  "lr": scheduler.get_last_lr()[0]}
+        state["history"].append(record)
+        if score > state["best_score"]:
+            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
+            if main:
+                _save_weights(accelerator.unwrap_model(model), ckpt_dir / "best.safetensors")
+        else:
+            state["bad_epochs"] += 1
+        state["epoch"] = epoch + 1
+        _checkpoint(accelerator, ckpt_dir, state)
+        if writer is not None:
+            for key, value in record.items():
+                if key != "epoch":
+                    writer.add_scalar(key, value, epoch + 1)
+        log.info("epoch %d: loss %.4f, val balanced accuracy %.4f", epoch + 1, record["train_loss"], score)
+
+    if writer is not None:
+        writer.close()
+    accelerator.wait_for_everyone()
+    unwrapped = accelerator.unwrap_model(model)
+    best = ckpt_dir / "best.safetensors"
+    if best.is_file():
+        unwrapped.load_state_dict(load_file(best, device=str(accelerator.device)))
+    return FitResult(
+        model=unwrapped,
+        best_epoch=state["best_epoch"],
+        best_score=state["best_score"],
+        history=state["history"],
+        train_images_per_s=images_seen / train_seconds if train_seconds else float("nan"),
+    )
+
+
+def _save_weights(model: nn.Module, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, path)
+
+
+def _checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
+    """Write `checkpoints/last` atomically: save into a fresh folder, then swap it in."""
+    tmp = ckpt_dir / f".last-{state['epoch']}"
+    if accelerator.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(tmp))
+    if accelerator.is_main_process:
+        _atomic_json(tmp / "trainer_state.json", state)
+        old = ckpt_dir / ".last-old"
+        last = ckpt_dir / "last"
+        if last.exists():
+            os.replace(last, old)
+        os.replace(tmp, last)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+@torch.no_grad()
+def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probs, labels, images/s) for a dataset on the model's device, single process."""
+    device = next(model.parameters()).device
+    model.eval()
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    probs, labels, seconds = [], [], 0.0
+    for images, targets in loader:
+        started = time.perf_counter()
+        logits = model(images.to(device))
+        probs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        seconds += time.perf_counter() - started
+        labels.append(np.asarray(targets))
+    n = sum(len(p) for p in probs)
+    return np.concatenate(probs), np.concatenate(labels), n / seconds if seconds else float("nan")
+
+
+def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
+    """Train the configured image classifier on a run's manifest; write the bundle and the evaluation report."""
+    from models.bundle import save_bundle
+    from models.registry import build_model, default_normalization
+    from pipelines.balancing import build_loss, build_sampler
+    from pipelines.data import ImageDataset
+    from pipelines.evaluation import choose_operating_threshold, compute_metrics, save_plots, write_report
+    from pipelines.manifest import SPLITS, class_names_of, manifest_sha256, read_manifest
+    from pipelines.transforms import eval_transform, train_transform
+
+    run_dir = Path(run_dir)
+    manifest_path = Path(manifest_path or run_dir / "manifest.csv")
+    manifest = read_manifest(manifest_path)
+    for split in ("train", "val"):
+        if not (manifest.split == split).any():
+            raise ValueError(f"manifest '{manifest_path}' has no '{split}' rows; run the split stage first")
+    class_names = class_names_of(manifest[manifest.split.isin(SPLITS)])
+    train_df = manifest[manifest.split == "train"]
+    val_df = manifest[(manifest.split == "val") & (manifest.source == "real")]
+    test_df = manifest[(manifest.split == "test") & (manifest.source == "real")]
+    settings, model_cfg = config.training, config.model
+    counts = class_counts(train_df.label, class_names)
+    missing = [name for name, n in zip(class_names, counts) if n == 0]
+    if missing:
+        raise ValueError(f"classes {missing} have no training images in '{manifest_path}'")
+
+    accelerator = make_accelerator(settings)
+    norm = default_normalization(model_cfg.name)
+    model = build_model(
+        model_cfg.name, len(class_names), model_cfg.img_size, checkpoint=model_cfg.checkpoint,
+        pretrained=model_cfg.pretrained, **model_cfg.kwargs,
+    )
+    train_ds = ImageDataset(train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images)
+    evaluate = eval_transform(model_cfg.img_size, **norm)
+    val_ds = ImageDataset(val_df, class_names, evaluate, settings.cache_images)
+    sampler = build_sampler(train_ds.labels, len(class_names), settings.sampler, settings.seed)
+    generator = torch.Generator().manual_seed(settings.seed)
+    train_loader = DataLoader(
+        train_ds, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
+        num_workers=settings.num_workers, drop_last=len(train_ds) > settings.batch_size, generator=generator,
+    )
+    val_loader = DataLoader(val_ds, batch_size=settings.batch_size * 2, num_workers=settings.num_workers)
+    loss_fn = build_loss(
+        settings.loss, counts, settings.class_weighting, settings.effective_beta, settings.focal_gamma,
+        settings.logit_tau, settings.label_smoothing,
+    ).to(accelerator.device)
+    log.info("training %s on %d images (%s), validating on %d", model_cfg.name, len(train_ds),
+             dict(zip(class_names, counts)), len(val_ds))
+    result = fit(model, train_loader, val_loader, loss_fn, settings, run_dir, accelerator)
+    if not accelerator.is_main_process:
+        return run_dir / "bundle"
+
+    model = result.model
+    malignant = [c for c in config.data.malignant_classes if c in class_names]
+    val_probs, val_labels, _ = predict_dataset(model, val_ds)
+    val_metrics = compute_metrics(val_labels, val_probs, class_names, malignant)
+    threshold = None
+    if malignant:
+        y_mal = np.isin(np.asarray(class_names)[val_labels], malignant)
+        p_mal = val_probs[:, [class_names.index(c) for c in malignant]].sum(1)
+        threshold = choose_operating_threshold(y_mal, p_mal, settings.target_sensitivity)
+    source_counts = {
+        name: {src: int(((train_df.label == name) & (train_df.source == src)).sum()) for src in ("real", "synthetic")}
+        for name in class_names
+    }
+    card: dict[str, Any] = {
+        "task": "image",
+        "architecture": {"name": model_cfg.name, "kwargs": dict(model_cfg.kwargs)},
+        "class_names": class_names,
+        "malignant_classes": malignant,
+        "input_size": model_cfg.img_size,
+        "normalization": norm,
+        "operating_threshold": threshold["threshold"] if threshold else None,
+        "threshold_metrics": threshold,
+        "metrics": {"validation": _headline(val_metrics)},
+        "manifest_sha256": manifest_sha256(manifest_path),
+        "training": {
+            "images": len(train_ds), "train_counts": source_counts, "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history), "loss": settings.loss, "class_weighting": settings.class_weighting,
+            "sampler": settings.sampler, "pretrained": model_cfg.pretrained, "seed": settings.seed,
+            "data": str(config.data.root),
+        },
+    }
+    report_dir = run_dir / "report"
+    extra = {"data": {"train_counts": source_counts}, "history": result.history,
+             "train_images_per_s": result.train_images_per_s, "validation": val_metrics}
+    if len(test_df):
+        test_ds = ImageDataset(test_df, class_names, evaluate)
+        test_probs, test_labels, infer_speed = predict_dataset(model, test_ds)
+        test_metrics = compute_metrics(test_labels, test_probs, class_names, malignant,
+                                       threshold["threshold"] if threshold else None)
+        card["metrics"]["test"] = _headline(test_metrics)
+        extra["inference_images_per_s"] = infer_speed
+        save_plots(test_labels, test_probs, class_names, malignant, report_dir)
+        write_report(test_metrics, report_dir, f"{model_cfg.name} on the held-out test split", extra)
+    else:
+        save_plots(val_labels, val_probs, class_names, malignant, report_dir)
+        write_report(val_metrics, report_dir, f"{model_cfg.name} on the validation split", extra)
+    card["metrics"]["train_images_per_s"] = result.train_images_per_s
+    bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card)
+    log.info("bundle written to %s, report to %s", bundle_dir, report_dir / "report.md")
+    return bundle_dir
+
+
+def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a model card shows (no confusion matrix)."""
+    keep = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "sensitivity_at_80_specificity",
+            "sensitivity_at_90_specificity", "ece", "at_operating_threshold")
+    headline = {k: metrics[k] for k in keep if k in metrics}
+    headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
+    return headline
