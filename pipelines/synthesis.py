@@ -731,6 +731,7 @@ def synthesize(
             for r in accepted_rows
         ]
     )
+    new_rows = _with_label_columns(manifest, new_rows)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "synthesis_report.json").write_text(json.dumps(report.to_dict(), indent=2))
@@ -798,7 +799,16 @@ def add_synthetic_folder(
     for label in sorted(set(rows.label)):
         of_class = (rows.label == label).to_numpy()
         stats[label] = {"offered": int(of_class.sum()), "dropped_memorisation": int((of_class & ~keep).sum())}
-    return append_train_rows(manifest, rows[keep]), stats
+    return append_train_rows(manifest, _with_label_columns(manifest, rows[keep])), stats
+
+
+def _with_label_columns(manifest: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFrame:
+    """Copy per-class columns (`malignant`) from the manifest's real rows, so added rows keep the column's dtype."""
+    if "malignant" not in manifest.columns or rows.empty:
+        return rows
+    by_label = manifest[manifest.source == "real"].drop_duplicates("label").set_index("label")["malignant"]
+    values = np.asarray([by_label[label] for label in rows.label], dtype=manifest["malignant"].dtype)
+    return rows.assign(malignant=values)
 
 
 # -------------------------------------------------------------------------------------------- stages and the CLI
