@@ -1,0 +1,169 @@
+"""Explanations of one prediction: Grad-CAM for CNNs, attention rollout for ViTs, and the heat-map overlay."""
+
+from __future__ import annotations
+
+import copy
+import logging
+import threading
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from models.bundle import Bundle
+from pipelines.transforms import eval_transform
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Explanation:
+    """A heat-map (H x W in [0, 1], the model's input crop) for one class, and how it was made."""
+
+    heatmap: np.ndarray
+    crop: Image.Image
+    class_index: int
+    method: str
+
+    def overlay(self, alpha: float = 0.45) -> Image.Image:
+        """The crop the model saw with the heat-map blended over it (RGB, no metadata)."""
+        return overlay_heatmap(self.crop, self.heatmap, alpha)
+
+
+def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
+    """Blend a [0, 1] heat-map (any size) over `image` with the 'jet' colour map."""
+    from matplotlib import colormaps
+
+    heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
+    if heat.shape != (image.size[1], image.size[0]):
+        heat_image = Image.fromarray((heat * 255).astype(np.uint8), "L").resize(image.size, Image.Resampling.BILINEAR)
+        heat = np.asarray(heat_image, dtype=np.float32) / 255.0
+    colours = colormaps["jet"](heat)[..., :3]
+    base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
+    blended = (1 - alpha) * base + alpha * colours
+    return Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def _normalise(heat: np.ndarray) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float32)
+    low, high = float(heat.min()), float(heat.max())
+    if high - low < 1e-12:
+        return np.zeros_like(heat)
+    return (heat - low) / (high - low)
+
+
+def gradcam_target_layer(model: nn.Module) -> str:
+    """Name of the layer Grad-CAM should read: the last feature map of the backbone."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None:
+        raise ValueError(f"{type(model).__name__} has no `.backbone`; Grad-CAM needs an ImageClassifier")
+    if hasattr(backbone, "net") and hasattr(backbone.net, "_bn1"):
+        return "backbone.net._bn1"  # MONAI EfficientNet: the head conv + BN, just before pooling
+    if hasattr(backbone, "features") and isinstance(backbone.features, nn.Sequential):
+        # The last BatchNorm (its output feeds the last ReLU): a layer with parameters, so that it gets gradients
+        # while everything before it stays frozen.
+        names = [name for name, m in backbone.features.named_children() if isinstance(m, nn.BatchNorm2d)]
+        if names:
+            return f"backbone.features.{names[-1]}"
+    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name.startswith("backbone")]
+    if not convs:
+        raise ValueError(f"no Conv2d layer found in {type(model).__name__}; Grad-CAM needs a convolutional backbone")
+    return convs[-1]
+
+
+def _modules_before(model: nn.Module, target: str) -> tuple[str, ...]:
+    """Prefixes ('name.') of the modules registered before `target`, excluding its ancestors.
+
+    For the backbones Grad-CAM is used on (EfficientNet, the small CNN) registration order is execution order.
+    """
+    earlier: list[str] = []
+    for name, _ in model.named_modules():
+        if name == target:
+            return tuple(earlier)
+        if name and not target.startswith(name + "."):
+            earlier.append(name + ".")
+    raise ValueError(f"layer '{target}' is not in {type(model).__name__}")
+
+
+def is_vit(model: nn.Module) -> bool:
+    """True for the ViT classifier (MONAI ViT kept in `backbone.vit`)."""
+    return hasattr(getattr(model, "backbone", None), "vit")
+
+
+class Explainer:
+    """Heat-maps for a bundle's image classifier; thread-safe, with its own copy of the network.
+
+    The copy keeps Grad-CAM's hooks and gradients away from the predictor's network, which serves other requests
+    meanwhile.
+    """
+
+    def __init__(self, bundle: Bundle) -> None:
+        self.bundle = bundle
+        norm = bundle.card["normalization"]
+        self.transform = eval_transform(bundle.input_size, norm["mean"], norm["std"])
+        self.model = copy.deepcopy(bundle.model).cpu().eval()
+        for module in self.model.modules():
+            if hasattr(module, "inplace"):
+                module.inplace = False  # in-place activations break full backward hooks
+        self.method = "attention" if is_vit(self.model) else "gradcam"
+        self._cam = None
+        self._lock = threading.Lock()
+
+    def _gradcam(self, batch: torch.Tensor, class_index: int) -> np.ndarray:
+        from monai.visualize import GradCAM
+
+        if self._cam is None:
+            target = gradcam_target_layer(self.model)
+            # Gradients are only needed from the logits back to the target layer: freezing everything before it
+            # keeps the backward pass to the network's tail (several times cheaper than a full backward on a CPU).
+            frozen = _modules_before(self.model, target)
+            for name, param in self.model.named_parameters():
+                param.requires_grad_(not name.startswith(frozen))
+            self._cam = GradCAM(nn_module=self.model, target_layers=target)
+        with torch.enable_grad(), warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            heat = self._cam(batch, class_idx=class_index)
+        return heat[0, 0].detach().cpu().numpy()
+
+    @torch.no_grad()
+    def _attention(self, batch: torch.Tensor) -> np.ndarray:
+        """Attention rollout (Abnar & Zuidema 2020) adapted to a mean-pooled ViT with no class token."""
+        self.model(batch)
+        vit = self.model.backbone.vit
+        tokens = None
+        rollout = None
+        for block in vit.blocks:
+            att = block.attn.att_mat
+            if att is None or att.numel() == 0:
+                raise RuntimeError("the ViT did not save its attention (build it with save_attn=True)")
+            att = att[0].mean(0)  # heads averaged: (N, N)
+            tokens = att.shape[-1]
+            att = att + torch.eye(tokens)  # the residual connection
+            att = att / att.sum(-1, keepdim=True)
+            rollout = att if rollout is None else att @ rollout
+        # The embedding is the mean of all output tokens, so input patch j contributes mean_i rollout[i, j].
+        relevance = rollout.mean(0).numpy()
+        side = int(round(tokens**0.5))
+        if side * side != tokens:
+            raise RuntimeError(f"{tokens} patch tokens do not form a square grid")
+        grid = _normalise(relevance.reshape(side, side))
+        size = self.bundle.input_size
+        up = Image.fromarray((grid * 255).astype(np.uint8), "L").resize((size, size), Image.Resampling.BILINEAR)
+        return np.asarray(up, dtype=np.float32) / 255.0
+
+    def explain(self, image: Image.Image, class_index: int) -> Explanation:
+        """Heat-map of the evidence for `class_index` over the crop the model sees of `image` (RGB)."""
+        n_classes = len(self.bundle.class_names)
+        if not 0 <= class_index < n_classes:
+            raise ValueError(f"class index {class_index} is out of range; the model has {n_classes} classes")
+        crop = self.transform.resize_crop(image.convert("RGB"))
+        batch = self.transform.normalize(np.asarray(crop)).unsqueeze(0)
+        with self._lock:
+            if self.method == "attention":
+                heat = self._attention(batch)
+            else:
+                heat = self._gradcam(batch, class_index)
+        return Explanation(heatmap=_normalise(heat), crop=crop, class_index=class_index, method=self.method)

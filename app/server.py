@@ -1,0 +1,555 @@
+"""The clinician web app (Gradio Blocks): single image with explanation, batch table + CSV, optional pathology tab."""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from models.bundle import Bundle, load_bundle, read_card
+from pipelines.images import ImageError, ImageLimits, load_image
+from pipelines.prediction import Predictor
+
+# Offline and private before gradio is first imported (inside the functions below): no analytics, no hub telemetry.
+for _name, _value in {
+    "GRADIO_ANALYTICS_ENABLED": "False",
+    "HF_HUB_OFFLINE": "1",
+    "HF_HUB_DISABLE_TELEMETRY": "1",
+    "DO_NOT_TRACK": "1",
+    "NO_ALBUMENTATIONS_UPDATE": "1",
+}.items():
+    os.environ.setdefault(_name, _value)
+
+log = logging.getLogger(__name__)
+
+INTENDED_USE = (
+    "**Research use only. Not a diagnostic device.** lesionlab is a research prototype: it has not been cleared or "
+    "approved by any regulator, and its output must not be used to diagnose, treat or triage patients. Every "
+    "result below needs a clinician's own examination and judgement."
+)
+API_SINGLE = "classify"
+API_BATCH = "classify_batch"
+API_CARD = "model_card"
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """What `lesionlab serve` can configure: request concurrency, input limits and how long files live."""
+
+    concurrency: int = 2
+    max_file_mb: float = 25.0
+    max_megapixels: float = 50.0
+    max_batch_files: int = 200
+    queue_size: int = 256
+    upload_grace_s: float = 5.0  # an upload is deleted this long after the last request using it ends
+    output_max_age_s: int = 900  # heat-maps and CSVs handed to the browser are deleted after this
+    session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
+
+    def limits(self, min_side: int = 32) -> ImageLimits:
+        """The image limits these settings describe."""
+        return ImageLimits(
+            max_bytes=int(self.max_file_mb * 2**20), max_pixels=int(self.max_megapixels * 1e6), min_side=min_side
+        )
+
+
+# --------------------------------------------------------------------------------------------- models
+
+
+def discover_bundles(models_dir: str | Path) -> dict[str, Path]:
+    """Bundle folders by name: `models_dir` itself if it is a bundle, else its sub-folders holding a card.json."""
+    models_dir = Path(models_dir)
+    if (models_dir / "card.json").is_file():
+        return {models_dir.name: models_dir}
+    if not models_dir.is_dir():
+        raise FileNotFoundError(f"models folder '{models_dir}' does not exist; expected a folder of model bundles")
+    found = {p.name: p for p in sorted(models_dir.iterdir()) if p.is_dir() and (p / "card.json").is_file()}
+    if not found:
+        raise FileNotFoundError(
+            f"no model bundle in '{models_dir}'; expected a bundle folder (weights.safetensors + card.json) "
+            "or a folder of such bundles"
+        )
+    return found
+
+
+@dataclass
+class ServedModel:
+    """One image-classification bundle, loaded once: its predictor and explainer share nothing mutable."""
+
+    name: str
+    bundle: Bundle
+    predictor: Predictor
+    explainer: Any
+
+    @property
+    def card(self) -> dict[str, Any]:
+        return self.bundle.card
+
+
+def load_models(models_dir: str | Path, settings: ServeSettings) -> tuple[dict[str, ServedModel], dict[str, Bundle]]:
+    """Load every bundle in `models_dir` once: (image classifiers by name, MIL bundles by name)."""
+    from app.explain import Explainer
+
+    images: dict[str, ServedModel] = {}
+    mil: dict[str, Bundle] = {}
+    for name, path in discover_bundles(models_dir).items():
+        card = read_card(path)
+        bundle = load_bundle(path)
+        if card.get("task", "image") == "mil":
+            mil[name] = bundle
+            continue
+        limits = settings.limits(min_side=int(card.get("min_input_side", 32)))
+        images[name] = ServedModel(name, bundle, Predictor(bundle, limits=limits), Explainer(bundle))
+        log.info("loaded model '%s' (%s, %d px, %d classes)", name, card["architecture"]["name"],
+                 bundle.input_size, len(bundle.class_names))
+    return images, mil
+
+
+# --------------------------------------------------------------------------------------------- wording
+
+
+def _percent(value: Any) -> str:
+    return "n/a" if value is None else f"{100 * float(value):.0f} %"
+
+
+def _display_name(code: str) -> str:
+    from pipelines.captions import DIAGNOSIS_NAMES
+
+    return f"{DIAGNOSIS_NAMES[code]} ({code})" if code in DIAGNOSIS_NAMES else code
+
+
+def threshold_markdown(p_malignant: float, card: dict[str, Any]) -> str:
+    """The malignancy probability against the bundle's referral threshold, in plain words."""
+    threshold = card.get("operating_threshold")
+    malignant = card.get("malignant_classes") or []
+    if not malignant or p_malignant is None or np.isnan(p_malignant):
+        return "This model names no malignant classes, so it gives no malignancy probability or referral threshold."
+    which = ", ".join(_display_name(c) for c in malignant)
+    head = f"**Malignancy probability: {p_malignant:.2f}** (sum of {which})."
+    if threshold is None:
+        return head + "\n\nThis model has no validated referral threshold; read the probability with care."
+    metrics = card.get("threshold_metrics") or {}
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    above = p_malignant >= float(threshold)
+    side = "above" if above else "below"
+    if above:
+        detail = (f"at this threshold the model found {_percent(sensitivity)} of malignant lesions in validation "
+                  f"(sensitivity), and flagged {_percent(None if specificity is None else 1 - specificity)} of "
+                  "benign ones too.")
+    else:
+        detail = (f"at this threshold the model correctly cleared {_percent(specificity)} of benign lesions in "
+                  f"validation (specificity), but missed {_percent(None if sensitivity is None else 1 - sensitivity)}"
+                  " of malignant ones.")
+    return f"{head}\n\n**{side.capitalize()} the referral threshold ({float(threshold):.3f})**: {detail}"
+
+
+def card_markdown(name: str, card: dict[str, Any]) -> str:
+    """A short model card: architecture, training data, validation (and test) metrics."""
+    arch = card.get("architecture", {})
+    training = card.get("training", {}) or {}
+    lines = [f"### Model card: {name}", ""]
+    pruned = " (pruned)" if arch.get("channel_plan") else ""
+    lines.append(f"- **Architecture:** {arch.get('name', '?')}{pruned}, input {card.get('input_size')} px, "
+                 f"{len(card.get('class_names', []))} classes: {', '.join(card.get('class_names', []))}")
+    counts = training.get("train_counts") or {}
+    real = sum(int(v.get("real", 0)) for v in counts.values() if isinstance(v, dict))
+    synthetic = sum(int(v.get("synthetic", 0)) for v in counts.values() if isinstance(v, dict))
+    data = training.get("data", "not recorded")
+    described = f"{data}"
+    if counts:
+        described += f"; {real} real" + (f" + {synthetic} synthetic" if synthetic else "") + " training images"
+    lines.append(f"- **Training data:** {described}")
+    if training:
+        balance = ", ".join(f"{k} {training[k]}" for k in ("loss", "class_weighting", "sampler") if k in training)
+        if balance:
+            lines.append(f"- **Imbalance handling:** {balance}")
+    metrics = card.get("metrics", {}) or {}
+    for split in ("validation", "test"):
+        m = metrics.get(split)
+        if not isinstance(m, dict):
+            continue
+        parts = [f"n = {m['n']}" if "n" in m else None]
+        for key, label in (("balanced_accuracy", "balanced accuracy"), ("macro_auc", "macro AUC"),
+                           ("malignant_auc", "malignant-vs-benign AUC")):
+            if isinstance(m.get(key), (int, float)):
+                parts.append(f"{label} {m[key]:.3f}")
+        lines.append(f"- **{split.capitalize()} metrics:** " + ", ".join(p for p in parts if p))
+    threshold = card.get("operating_threshold")
+    if threshold is not None:
+        tm = card.get("threshold_metrics") or {}
+        lines.append(f"- **Referral threshold:** P(malignant) >= {float(threshold):.3f}, chosen on validation: "
+                     f"sensitivity {_percent(tm.get('sensitivity'))}, specificity {_percent(tm.get('specificity'))}")
+    lines += ["", "_Intended use: research only, not a diagnostic device._"]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------- temporary files
+
+
+class FileJanitor:
+    """Deletes uploads soon after the last request that uses them, and our own output files after a while.
+
+    Gradio stores an upload at `<cache>/<sha256 of content>/<name>`, so two identical uploads share one file: an
+    upload is deleted only `grace_s` after the last request holding it ends (a reference count per path).
+    """
+
+    def __init__(self, root: str | Path, grace_s: float) -> None:
+        self.root = Path(root).resolve()
+        self.grace_s = grace_s
+        self._holds: dict[Path, int] = {}
+        self._lock = threading.Lock()
+
+    def _inside(self, path: Path) -> bool:
+        try:
+            path.resolve().relative_to(self.root)
+        except ValueError:
+            return False
+        return True
+
+    def hold(self, paths: Sequence[str | Path]) -> list[Path]:
+        """Mark uploads as in use; paths outside the upload cache (a local caller's own files) are never touched."""
+        held = [Path(p).resolve() for p in paths if p and self._inside(Path(p))]
+        with self._lock:
+            for path in held:
+                self._holds[path] = self._holds.get(path, 0) + 1
+        return held
+
+    def release(self, held: Sequence[Path]) -> None:
+        """End a request's use of `held`; each file is deleted once no request has held it for `grace_s`."""
+        with self._lock:
+            for path in held:
+                self._holds[path] = self._holds.get(path, 1) - 1
+        for path in held:
+            self.delete_later(path, self.grace_s, only_if_unheld=True)
+
+    def delete_later(self, path: Path, delay_s: float, only_if_unheld: bool = False) -> None:
+        """Delete `path` (and its folder, if left empty) after `delay_s` seconds."""
+        if delay_s <= 0:
+            self._delete(path, only_if_unheld)
+            return
+        timer = threading.Timer(delay_s, self._delete, args=(path, only_if_unheld))
+        timer.daemon = True
+        timer.start()
+
+    def _delete(self, path: Path, only_if_unheld: bool) -> None:
+        with self._lock:
+            if only_if_unheld and self._holds.get(path, 0) > 0:
+                return
+            self._holds.pop(path, None)
+            try:
+                path.unlink(missing_ok=True)
+                if path.parent != self.root and not any(path.parent.iterdir()):
+                    path.parent.rmdir()
+            except OSError as err:  # another request re-created or removed it meanwhile
+                log.debug("could not delete a temporary file: %s", err)
+
+
+# --------------------------------------------------------------------------------------------- the service
+
+
+@dataclass
+class LesionService:
+    """Everything a request needs: the loaded models, the input limits and the file janitor (thread-safe)."""
+
+    models: dict[str, ServedModel]
+    settings: ServeSettings
+    janitor: FileJanitor
+    mil_bundles: dict[str, Bundle] = field(default_factory=dict)
+    output_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lesionlab-out-")))
+
+    def model(self, name: str | None) -> ServedModel:
+        """The served model called `name` (the first one when empty)."""
+        if not name:
+            return next(iter(self.models.values()))
+        if name not in self.models:
+            raise ValueError(f"unknown model '{name}'; expected one of {sorted(self.models)}")
+        return self.models[name]
+
+    def decode(self, path: str | Path, model: ServedModel) -> Image.Image:
+        """Decode an uploaded file with the shared safe decoder (limits, EXIF orientation, mode conversion)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ImageError(
+                f"the uploaded file '{path.name}' is no longer on the server (uploads are deleted after analysis); "
+                "please upload it again"
+            )
+        return load_image(path, model.predictor.limits, name=path.name)
+
+    def analyse(self, image: Image.Image, model: ServedModel) -> dict[str, Any]:
+        """Probabilities, malignancy vs threshold, explanation heat-map and ABCD readout for one RGB image."""
+        from app.readout import abcd_readout, outline_image
+
+        start = time.perf_counter()
+        probs = model.predictor.predict([image])[0]
+        p_malignant = float(model.predictor.malignant_probability(probs[None])[0])
+        predicted = int(probs.argmax())
+        explanation = model.explainer.explain(image, predicted)
+        readout, mask = abcd_readout(image)
+        card = model.card
+        threshold = card.get("operating_threshold")
+        details = {
+            "model": model.name,
+            "predicted": model.predictor.class_names[predicted],
+            "probabilities": {c: float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)},
+            "prob_malignant": None if np.isnan(p_malignant) else p_malignant,
+            "operating_threshold": threshold,
+            "above_threshold": None if threshold is None or np.isnan(p_malignant) else bool(p_malignant >= threshold),
+            "threshold_metrics": {k: v for k, v in (card.get("threshold_metrics") or {}).items()
+                                  if k in ("sensitivity", "specificity")},
+            "explanation": {"method": explanation.method, "class": model.predictor.class_names[predicted]},
+            "abcd": readout,
+        }
+        log.info("analysed one image with '%s' in %.0f ms", model.name, 1000 * (time.perf_counter() - start))
+        return {
+            "details": details,
+            "label": {_display_name(c): float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)},
+            "threshold": threshold_markdown(p_malignant, card),
+            "heatmap": explanation.overlay(),
+            "outline": outline_image(image, mask),
+        }
+
+    def batch(self, paths: Sequence[str | Path], model: ServedModel) -> tuple[Any, Path, list[str]]:
+        """(prediction table, CSV path, skipped-file messages) with the columns of `lesionlab predict`."""
+        if len(paths) > self.settings.max_batch_files:
+            raise ImageError(f"{len(paths)} files were sent; at most {self.settings.max_batch_files} per batch")
+        images, ids, skipped = [], [], []
+        for path in paths:
+            try:
+                images.append(self.decode(path, model))
+                ids.append(Path(path).stem)
+            except ImageError as err:
+                skipped.append(str(err))
+        table = model.predictor.table(ids, model.predictor.predict(images))
+        folder = Path(tempfile.mkdtemp(prefix="batch-", dir=self.output_dir))
+        csv = folder / "lesionlab_predictions.csv"
+        table.to_csv(csv, index=False, float_format="%.6f")
+        self.janitor.delete_later(csv, self.settings.output_max_age_s)
+        log.info("batch of %d files with '%s': %d predicted, %d skipped", len(paths), model.name, len(table),
+                 len(skipped))
+        return table, csv, skipped
+
+
+def _file_path(value: Any) -> str | None:
+    """The server-side path of a gr.File / gr.Image value (a str, a NamedString or a dict with 'path')."""
+    if value is None:
+        return None
+    if isinstance(value, dict):
+        return value.get("path")
+    return str(value)
+
+
+# --------------------------------------------------------------------------------------------- the app
+
+
+def build_app(
+    bundles_dir: str | Path,
+    settings: ServeSettings | None = None,
+    models: dict[str, ServedModel] | None = None,
+    mil_bundles: dict[str, Bundle] | None = None,
+):
+    """The Gradio Blocks app over every bundle in `bundles_dir` (loaded once, unless `models` are passed in)."""
+    import gradio as gr
+
+    from pipelines.captions import DIAGNOSIS_NAMES  # noqa: F401 - fail early if the wording tables are missing
+
+    settings = settings or ServeSettings()
+    if models is None:
+        models, mil_bundles = load_models(bundles_dir, settings)
+    mil_bundles = mil_bundles or {}
+    if not models and not mil_bundles:
+        raise FileNotFoundError(f"'{bundles_dir}' holds no usable model bundle")
+    from gradio.utils import get_upload_folder
+
+    service = LesionService(models, settings, FileJanitor(get_upload_folder(), settings.upload_grace_s), mil_bundles)
+    names = list(models)
+    default = "default_bundle" if "default_bundle" in models else (names[0] if names else None)
+
+    def _fail(err: Exception) -> gr.Error:
+        # The message names the user's own file; it goes to the user only, never to the server log.
+        log.info("rejected an upload (%s)", type(err).__name__)
+        return gr.Error(str(err), duration=None, title="This file cannot be analysed", print_exception=False)
+
+    def _single_outputs(result: dict[str, Any]) -> tuple:
+        return (result["label"], result["threshold"], result["heatmap"], result["outline"],
+                _readout_md(result["details"]["abcd"]), result["details"])
+
+    def _readout_md(readout: dict[str, Any]) -> str:
+        from app.readout import readout_markdown
+
+        return readout_markdown(readout)
+
+    def classify(image_file: Any, model_name: str | None) -> tuple:
+        """Classify one uploaded image: probabilities, malignancy vs threshold, heat-map, ABCD readout, details."""
+        path = _file_path(image_file)
+        if not path:
+            raise gr.Error("no image was received; upload a JPEG, PNG, TIFF, BMP or WebP file", print_exception=False)
+        held = service.janitor.hold([path])
+        try:
+            model = service.model(model_name)
+            image = service.decode(path, model)
+            result = service.analyse(image, model)
+        except (ImageError, ValueError) as err:
+            raise _fail(err) from None
+        finally:
+            service.janitor.release(held)
+        return (*_single_outputs(result), image)
+
+    def reanalyse(image: Image.Image | None, model_name: str | None) -> tuple:
+        """Re-run the last uploaded image (kept in this session's memory) with another model."""
+        if image is None:
+            return (None, "", None, None, "", None)
+        try:
+            return _single_outputs(service.analyse(image, service.model(model_name)))
+        except ValueError as err:
+            raise _fail(err) from None
+
+    def classify_batch(files: list[Any] | None, model_name: str | None) -> tuple:
+        """Classify several images: the `lesionlab predict` table, its CSV and the files that were skipped."""
+        paths = [p for p in (_file_path(f) for f in (files or [])) if p]
+        if not paths:
+            raise gr.Error("no files were received; select one or more images", print_exception=False)
+        held = service.janitor.hold(paths)
+        try:
+            table, csv, skipped = service.batch(paths, service.model(model_name))
+        except (ImageError, ValueError) as err:
+            raise _fail(err) from None
+        finally:
+            service.janitor.release(held)
+        note = f"{len(table)} of {len(paths)} images classified."
+        if skipped:
+            note += "\n\n**Skipped:**\n" + "\n".join(f"- {message}" for message in skipped)
+        return table, str(csv), note
+
+    def model_card(model_name: str | None) -> str:
+        """The model card summary of one served model."""
+        try:
+            model = service.model(model_name)
+        except ValueError as err:
+            raise gr.Error(str(err), print_exception=False) from None
+        return card_markdown(model.name, model.card)
+
+    def clear_single() -> tuple:
+        return (None, "", None, None, "", None, None)
+
+    file_types_note = "JPEG, PNG, TIFF, BMP or WebP, at most " \
+        f"{settings.max_file_mb:g} MB and {settings.max_megapixels:g} megapixels"
+    with gr.Blocks(title="lesionlab", analytics_enabled=False,
+                   delete_cache=(60, max(60, settings.output_max_age_s))) as demo:
+        gr.Markdown("# lesionlab: skin lesion classifier with explanations")
+        gr.Markdown(INTENDED_USE, elem_id="intended-use")
+        with gr.Tabs():
+            if models:
+                with gr.Tab("Single image", id="single"):
+                    with gr.Row():
+                        with gr.Column(scale=1):
+                            model_box = gr.Dropdown(names, value=default, label="Model", elem_id="model")
+                            with gr.Tabs():
+                                with gr.Tab("Upload a file"):
+                                    upload = gr.File(label=f"Dermoscopy image ({file_types_note}); drag and drop "
+                                                     "or click to choose", type="filepath", elem_id="upload")
+                                with gr.Tab("Webcam"):
+                                    webcam = gr.Image(sources=["webcam"], type="filepath", image_mode=None,
+                                                      label="Take a photo", elem_id="webcam")
+                            card_box = gr.Markdown(card_markdown(default, models[default].card), elem_id="card")
+                        with gr.Column(scale=2):
+                            label = gr.Label(num_top_classes=max(len(m.bundle.class_names) for m in models.values()),
+                                             label="Diagnosis probabilities", elem_id="label")
+                            threshold = gr.Markdown(elem_id="threshold")
+                            with gr.Row():
+                                heatmap = gr.Image(label="Explanation heat-map (what the model looked at)",
+                                                   type="pil", format="png", interactive=False, elem_id="heatmap")
+                                outline = gr.Image(label="Lesion outline used for the ABCD readout", type="pil",
+                                                   format="png", interactive=False, elem_id="outline")
+                            readout = gr.Markdown(elem_id="abcd")
+                            with gr.Accordion("Details (JSON)", open=False):
+                                details = gr.JSON(label="details", elem_id="details")
+                    image_state = gr.State(None, time_to_live=settings.session_ttl_s)
+                    single_outputs = [label, threshold, heatmap, outline, readout, details]
+                    for source, event in ((upload, upload.upload), (webcam, webcam.input)):
+                        event(clear_single, None, [*single_outputs, image_state], queue=False,
+                              api_visibility="private").then(
+                            classify, [source, model_box], [*single_outputs, image_state],
+                            api_name=API_SINGLE if source is upload else "classify_webcam",
+                            api_visibility="public" if source is upload else "private",
+                        )
+                    upload.clear(clear_single, None, [*single_outputs, image_state], queue=False,
+                                 api_visibility="private")
+                    model_box.change(model_card, [model_box], [card_box], api_name=API_CARD).then(
+                        reanalyse, [image_state, model_box], single_outputs, api_visibility="private"
+                    )
+
+                with gr.Tab("Batch", id="batch"):
+                    with gr.Row():
+                        batch_model = gr.Dropdown(names, value=default, label="Model", elem_id="batch-model")
+                        batch_files = gr.File(label=f"Images ({file_types_note} each)", file_count="multiple",
+                                              type="filepath", elem_id="batch-files")
+                    batch_button = gr.Button("Classify all", variant="primary", elem_id="batch-run")
+                    batch_note = gr.Markdown(elem_id="batch-note")
+                    batch_table = gr.Dataframe(label="Predictions", interactive=False, elem_id="batch-table")
+                    batch_csv = gr.File(label="Download CSV (same columns as `lesionlab predict`)",
+                                        elem_id="batch-csv")
+                    batch_button.click(classify_batch, [batch_files, batch_model],
+                                       [batch_table, batch_csv, batch_note], api_name=API_BATCH)
+            if mil_bundles and importlib.util.find_spec("app.pathology") is not None:
+                from app.pathology import build_pathology_tab
+
+                build_pathology_tab(mil_bundles)
+            elif mil_bundles:
+                log.warning("MIL bundles %s found but app.pathology is not available; no pathology tab",
+                            sorted(mil_bundles))
+        gr.Markdown("_No image, result or usage data leaves this machine. Uploaded files are deleted right after "
+                    "analysis; nothing you upload is written to the server log._")
+    demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
+    demo.lesionlab_service = service  # for tests and benchmarks: the janitor and loaded models
+    return demo
+
+
+def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool = True) -> Any:
+    """Start the server (no share link, no SSR, API open to gradio_client) and return the Blocks."""
+    demo.launch(
+        server_name=host,
+        server_port=port,
+        share=False,
+        inbrowser=False,
+        show_error=True,
+        ssr_mode=False,
+        max_file_size=int(2 * settings.max_file_mb * 2**20),  # our decoder names anything between the two limits
+        prevent_thread_lock=not block,
+        quiet=True,
+    )
+    return demo
+
+
+def _private_gradio_dir() -> None:
+    """Give Gradio's upload cache a private folder (0700) removed at exit, unless GRADIO_TEMP_DIR is set."""
+    if os.environ.get("GRADIO_TEMP_DIR"):
+        return
+    folder = tempfile.mkdtemp(prefix="lesionlab-gradio-")
+    os.environ["GRADIO_TEMP_DIR"] = folder
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+
+
+def serve_cli(args: Any) -> None:
+    """`lesionlab serve`: load the bundles once and serve the app until interrupted."""
+    settings = ServeSettings(
+        concurrency=int(getattr(args, "concurrency", 2)),
+        max_file_mb=float(getattr(args, "max_file_mb", 25.0)),
+        max_megapixels=float(getattr(args, "max_megapixels", 50.0)),
+    )
+    if settings.concurrency < 1:
+        raise ValueError(f"--concurrency must be at least 1, got {settings.concurrency}")
+    _private_gradio_dir()
+    demo = build_app(args.models, settings)
+    log.info("serving on http://%s:%d (concurrency %d)", args.host, args.port, settings.concurrency)
+    launch(demo, args.host, int(args.port), settings, block=True)
