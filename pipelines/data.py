@@ -21,6 +21,7 @@ class ImageDataset(Dataset):
         class_names: list[str],
         transform: Callable[[Image.Image], torch.Tensor],
         cache_images: bool = False,
+        seed: int = 0,
     ) -> None:
         unknown = sorted(set(manifest.label) - set(class_names))
         if unknown:
@@ -30,6 +31,12 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.limits = ImageLimits(min_side=8)
         self._cache: dict[int, Image.Image] | None = {} if cache_images else None
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Random augmentation is a function of (seed, epoch, index), so runs repeat and resume exactly."""
+        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -44,4 +51,6 @@ class ImageDataset(Dataset):
         return image
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        if hasattr(self.transform, "reseed"):
+            self.transform.reseed((self.seed * 1_000_003 + self.epoch) * 10_000_019 + index)
         return self.transform(self.image(index)), self.labels[index]

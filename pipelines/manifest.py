@@ -189,7 +189,11 @@ def append_train_rows(manifest: pd.DataFrame, new_rows: pd.DataFrame) -> pd.Data
         raise ManifestError(f"added rows lack columns {missing}")
     if "group" not in new_rows.columns:
         new_rows = new_rows.assign(group=new_rows.image_id)
-    combined = pd.concat([manifest, new_rows], ignore_index=True)
+    # Integer columns stay integers (nullable), so held-out rows serialise byte-identically before and after.
+    integer_columns = [c for c in manifest.columns if pd.api.types.is_integer_dtype(manifest[c])]
+    combined = pd.concat(
+        [manifest.astype({c: "Int64" for c in integer_columns}), new_rows], ignore_index=True
+    ).astype({c: "Int64" for c in integer_columns})
     for column in combined.columns:
         if combined[column].dtype == object:
             combined[column] = combined[column].fillna("")

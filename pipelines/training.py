@@ -161,6 +161,8 @@ def fit(
         model.train()
         if hasattr(train_loader, "set_epoch"):
             train_loader.set_epoch(epoch)
+        if hasattr(train_loader.dataset, "set_epoch"):
+            train_loader.dataset.set_epoch(epoch)
         running, n_batches, started = 0.0, 0, time.perf_counter()
         bar = tqdm(total=steps_per_epoch, desc=f"epoch {epoch + 1}/{settings.epochs}", disable=not main, leave=False)
         for step, batch in enumerate(train_loader):
@@ -209,7 +211,7 @@ def fit(
     unwrapped = accelerator.unwrap_model(model)
     best = ckpt_dir / "best.safetensors"
     if best.is_file():
-        unwrapped.load_state_dict(load_file(best, device=str(accelerator.device)))
+        unwrapped.load_state_dict(load_file(best, device="cpu"))
     return FitResult(
         model=unwrapped,
         best_epoch=state["best_epoch"],
@@ -292,7 +294,8 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         model_cfg.name, len(class_names), model_cfg.img_size, checkpoint=model_cfg.checkpoint,
         pretrained=model_cfg.pretrained, **model_cfg.kwargs,
     )
-    train_ds = ImageDataset(train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images)
+    train_ds = ImageDataset(train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images,
+                            settings.seed)
     evaluate = eval_transform(model_cfg.img_size, **norm)
     val_ds = ImageDataset(val_df, class_names, evaluate, settings.cache_images)
     sampler = build_sampler(train_ds.labels, len(class_names), settings.sampler, settings.seed)

@@ -59,6 +59,10 @@ class TrainTransform:
             ]
         )
 
+    def reseed(self, seed: int) -> None:
+        """Make the next draw a function of `seed` (the dataset passes seed, epoch and index: repeatable runs)."""
+        self.augment.set_random_seed(seed)
+
     def __call__(self, image: Image.Image) -> torch.Tensor:
         array = np.asarray(image.convert("RGB"))
         return self.base.normalize(self.augment(image=array)["image"])

@@ -1,0 +1,124 @@
+"""`lesionlab` end to end: predict (with a corrupt file), evaluate, run/resume, one-line errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipelines.cli import main
+from pipelines.prediction import Predictor
+from tests.conftest import HAM_SAMPLE, REPO
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for src in sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:5]:
+        shutil.copy(src, folder / src.name)
+    (folder / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "notes.docx").write_bytes(b"PK\x03\x04 a word file")
+    return folder
+
+
+def test_predict_writes_one_row_per_image_and_reports_bad_files(tiny_bundle, image_folder, tmp_path, capsys):
+    out = tmp_path / "preds.csv"
+    assert main(["predict", "--bundle", str(tiny_bundle), "--images", str(image_folder), "--out", str(out)]) == 0
+    table = pd.read_csv(out)
+    classes = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert list(table.columns) == ["image_id", "pred_label", *[f"prob_{c}" for c in classes], "prob_malignant"]
+    assert sorted(table.image_id) == sorted(p.stem for p in (HAM_SAMPLE / "images").glob("*.jpg"))[:5]
+    probs = table[[f"prob_{c}" for c in classes]].to_numpy()
+    assert np.allclose(probs.sum(1), 1, atol=1e-5)
+    assert np.allclose(table.prob_malignant, table[["prob_mel", "prob_bcc", "prob_akiec"]].sum(1), atol=1e-5)
+    assert (table.pred_label == np.array(classes)[probs.argmax(1)]).all()
+    err = capsys.readouterr().err
+    for name in ("broken.jpg", "empty.png", "notes.docx"):
+        assert name in err
+
+
+def test_predict_matches_the_python_predictor(tiny_bundle, image_folder, tmp_path):
+    out = tmp_path / "preds.csv"
+    main(["predict", "--bundle", str(tiny_bundle), "--images", str(image_folder), "--out", str(out)])
+    table = pd.read_csv(out).set_index("image_id")
+    files = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:5]
+    direct, _ = Predictor.from_path(tiny_bundle).predict_files(files)
+    assert np.allclose(direct.set_index("image_id").loc[table.index, "prob_mel"], table.prob_mel, atol=1e-5)
+
+
+def test_predict_from_csv_list(tiny_bundle, tmp_path):
+    files = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:3]
+    listing = tmp_path / "list.csv"
+    pd.DataFrame({"path": [str(f) for f in files]}).to_csv(listing, index=False)
+    assert main(["predict", "--bundle", str(tiny_bundle), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 0
+    assert len(pd.read_csv(tmp_path / "p.csv")) == 3
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["predict", "--bundle", "/nonexistent/bundle", "--images", ".", "--out", "x.csv"], "not a model bundle"),
+        (["evaluate", "--bundle", "BUNDLE", "--data", "/nonexistent/data"], "neither a manifest"),
+        (["train", "--config", "/nonexistent.yaml"], "does not exist"),
+        (["train", "--config", "configs/demo.yaml", "training.epochs=many"], "training.epochs"),
+        (["train", "--config", "configs/demo.yaml", "model.name=resnet", "data.root=data/ham10000_sample"],
+         "unknown model 'resnet'"),
+    ],
+)
+def test_bad_input_is_a_one_line_error(argv, message, tiny_bundle, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO)
+    argv = [a.replace("BUNDLE", str(tiny_bundle)) for a in argv]
+    if argv[0] == "train":
+        argv += ["--run-dir", str(tmp_path / "run")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_unknown_class_in_evaluation_data_is_named(tiny_bundle, small_manifest, tmp_path, capsys):
+    df = pd.read_csv(small_manifest)
+    df.loc[df.split == "test", "label"] = "melanoma_typo"
+    bad = tmp_path / "bad.csv"
+    df.to_csv(bad, index=False)
+    assert main(["evaluate", "--bundle", str(tiny_bundle), "--data", str(bad)]) == 2
+    assert "melanoma_typo" in capsys.readouterr().err
+
+
+def test_evaluate_writes_report(tiny_bundle, small_manifest, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--bundle", str(tiny_bundle), "--data", str(small_manifest), "--out", str(out)]) == 0
+    assert "malignant auc" in (out / "report.md").read_text()
+    assert len(pd.read_csv(out / "predictions.csv")) == 28  # 4 test images x 7 classes
+
+
+def test_run_skips_completed_stages(small_manifest, tmp_path):
+    import yaml
+
+    config = {
+        "run_dir": str(tmp_path / "run"),
+        "data": {"format": "manifest", "manifest": str(small_manifest)},
+        "model": {"name": "small-cnn", "img_size": 32, "pretrained": False, "kwargs": {"widths": [8]}},
+        "training": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+    }
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(config))
+    assert main(["run", "--config", str(path)]) == 0
+    marker = tmp_path / "run" / "stages" / "train.json"
+    stamp = marker.stat().st_mtime_ns
+    weights = (tmp_path / "run" / "bundle" / "weights.safetensors").read_bytes()
+    assert main(["run", "--config", str(path)]) == 0
+    assert marker.stat().st_mtime_ns == stamp
+    assert (tmp_path / "run" / "bundle" / "weights.safetensors").read_bytes() == weights
+
+
+def test_console_script_help_is_fast_to_reach():
+    done = subprocess.run([sys.executable, "-m", "pipelines.cli", "--help"], capture_output=True, text=True, cwd=REPO)
+    assert done.returncode == 0
+    for command in ("ingest", "run", "train", "evaluate", "predict", "serve"):
+        assert command in done.stdout

@@ -1,0 +1,97 @@
+"""Class weights, losses, the trainer's resume after an interruption, and a two-process Accelerate run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from pipelines.balancing import class_weights
+from pipelines.training import train_from_config
+from tests.conftest import REPO, tiny_config
+
+
+def test_class_weights_on_a_known_count_vector():
+    counts = [100, 10, 1]
+    inverse = class_weights(counts, "inverse")
+    expected = torch.tensor([0.01, 0.1, 1.0]) / torch.tensor([0.01, 0.1, 1.0]).mean()
+    assert torch.allclose(inverse, expected)
+    beta = 0.9
+    effective = class_weights(counts, "effective", beta)
+    raw = torch.tensor([(1 - beta) / (1 - beta**n) for n in counts], dtype=torch.float64)
+    assert torch.allclose(effective.double(), raw / raw.mean(), atol=1e-6)
+    assert effective[2] > effective[1] > effective[0]
+    with pytest.raises(ValueError, match="at least one training sample"):
+        class_weights([5, 0], "inverse")
+
+
+def test_training_writes_bundle_report_and_threshold(tiny_bundle):
+    card = json.loads((tiny_bundle / "card.json").read_text())
+    assert card["class_names"] == ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+    assert card["malignant_classes"] == ["mel", "bcc", "akiec"]
+    assert 0.0 <= card["operating_threshold"] <= 1.0
+    assert card["threshold_metrics"]["sensitivity"] >= 0.9
+    assert len(card["manifest_sha256"]) == 64
+    assert {"validation", "test"} <= set(card["metrics"])
+    report = tiny_bundle.parent / "report"
+    assert {"report.md", "report.json", "roc.png", "confusion_matrix.png", "reliability.png"} <= {
+        p.name for p in report.iterdir()
+    }
+    assert "| df | 12 | 0 |" in (report / "report.md").read_text()  # real vs synthetic counts per class
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(small_manifest, tmp_path, monkeypatch):
+    import pipelines.training as training
+
+    full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
+    train_from_config(tiny_config(full_dir, epochs=3), full_dir, small_manifest)
+
+    real_fit = training.fit
+
+    def fit_killed_after_two_epochs(*args, **kwargs):
+        def stop(epoch, total):
+            if epoch == 2:
+                raise Interrupt("killed")
+
+        return real_fit(*args, **kwargs, on_epoch_start=stop)
+
+    monkeypatch.setattr(training, "fit", fit_killed_after_two_epochs)
+    with pytest.raises(Interrupt):
+        train_from_config(tiny_config(cut_dir, epochs=3), cut_dir, small_manifest)
+    state = json.loads((cut_dir / "checkpoints" / "last" / "trainer_state.json").read_text())
+    assert state["epoch"] == 2 and not (cut_dir / "bundle").exists()
+    monkeypatch.setattr(training, "fit", real_fit)
+
+    bundle = train_from_config(tiny_config(cut_dir, epochs=3), cut_dir, small_manifest)
+    history = json.loads((cut_dir / "report" / "report.json").read_text())["history"]
+    assert [h["epoch"] for h in history] == [1, 2, 3]  # the finished epochs were kept, not redone
+    full = load_file(full_dir / "bundle" / "weights.safetensors")
+    resumed = load_file(bundle / "weights.safetensors")
+    assert all(torch.allclose(full[k].float(), resumed[k].float(), atol=1e-5) for k in full)
+
+
+def test_two_process_accelerate_run_shards_data_and_ends_with_identical_weights(tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
+    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (tmp_path / "world_0.txt").read_text() == "2 MULTI_CPU"
+    seen = [json.loads((tmp_path / f"seen_{r}.json").read_text()) for r in (0, 1)]
+    for epoch in range(2):  # 32 images, 4 per batch per rank -> 16 per rank per epoch
+        per_rank = [set(s[epoch * 16 : (epoch + 1) * 16]) for s in seen]
+        assert per_rank[0].isdisjoint(per_rank[1])
+        assert per_rank[0] | per_rank[1] == set(range(32))
+    w0 = load_file(tmp_path / "weights_0.safetensors")
+    w1 = load_file(tmp_path / "weights_1.safetensors")
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
