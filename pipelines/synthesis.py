@@ -642,7 +642,10 @@ def synthesize(
         lora_hash = sha256_file(lora_file)
     if not plan:
         log.info("every class already reaches %.0f %% of the largest; nothing to generate", 100 * settings.min_ratio)
-        return manifest.copy(), SynthesisReport(per_class, lora_hash, 0)
+        report = SynthesisReport(per_class, lora_hash, 0)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "synthesis_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        return manifest.copy(), report
 
     accelerator = Accelerator(mixed_precision=settings.mixed_precision)
     if pipe is None:

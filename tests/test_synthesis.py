@@ -20,6 +20,15 @@ SAMPLE = Path(__file__).resolve().parent.parent / "data" / "ham10000_sample"
 TINY = {"resolution": 32, "max_sequence_length": 48}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny models' ops are microseconds; thread hand-off on a busy 2-core machine costs more than it saves."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def manifest() -> pd.DataFrame:
     """Six images per class from the embedded sample, split by lesion, training rows captioned."""
