@@ -47,16 +47,15 @@ RUN python3 -m venv /opt/venv \
     && rm -rf /opt/venv/lib/python3.11/site-packages/torch/test /opt/venv/lib/python3.11/site-packages/torch/include
 
 # The source and the default bundle. They go on the venv's path with a .pth file (what `pip install -e` does), so
-# no build backend is needed in the image, and `lesionlab` is a small launcher for `pipelines.cli:main`.
+# no build backend is needed in the image; `lesionlab` is docker/launcher.py (`pipelines.cli:main`).
 WORKDIR /app
 COPY pipelines /app/pipelines
 COPY models /app/models
 COPY app /app/app
 COPY configs /app/configs
 COPY docker/entrypoint.sh docker/healthcheck.py /app/docker/
+COPY docker/launcher.py /opt/venv/bin/lesionlab
 RUN echo /app > /opt/venv/lib/python3.11/site-packages/lesionlab.pth \
-    && printf '%s\n' '#!/opt/venv/bin/python' 'import sys' 'from pipelines.cli import main' 'sys.exit(main())' \
-        > /opt/venv/bin/lesionlab \
     && chmod 0755 /opt/venv/bin/lesionlab /app/docker/entrypoint.sh \
     && /opt/venv/bin/python -m compileall -q /app \
     && /opt/venv/bin/lesionlab --help > /dev/null
