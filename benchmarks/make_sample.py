@@ -31,8 +31,10 @@ def make_ucsb_sample(src: Path, dst: Path, seed: int) -> None:
     labels = pd.read_csv(src / "labels.csv")
     half = UCSB_SAMPLE // 2
     sample = pd.concat(
-        [labels[labels.label == "benign"].sample(n=half, random_state=seed),
-         labels[labels.label == "malignant"].sample(n=half, random_state=seed)]
+        [
+            labels[labels.label == "benign"].sample(n=half, random_state=seed),
+            labels[labels.label == "malignant"].sample(n=half, random_state=seed),
+        ]
     ).sort_values("image")
     (dst / "images").mkdir(parents=True, exist_ok=True)
     for name in sample.image:

@@ -53,6 +53,7 @@ class TrainSettings(Section):
     warmup_epochs: float = 1.0
     patience: int = 5
     max_steps_per_epoch: int | None = None
+    time_budget_minutes: float | None = Field(None, description="stop after the epoch that crosses this budget")
     num_workers: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 from sklearn.metrics import (
@@ -20,7 +21,9 @@ from sklearn.metrics import (
 log = logging.getLogger(__name__)
 
 
-def malignant_probability(probs: np.ndarray, class_names: Sequence[str], malignant_classes: Sequence[str]) -> np.ndarray:
+def malignant_probability(
+    probs: np.ndarray, class_names: Sequence[str], malignant_classes: Sequence[str]
+) -> np.ndarray:
     """P(malignant) = sum of the malignant classes' probabilities."""
     unknown = sorted(set(malignant_classes) - set(class_names))
     if unknown:
@@ -56,17 +59,22 @@ def reliability_bins(y_true: np.ndarray, probs: np.ndarray, n_bins: int = 15) ->
     for low, high in zip(edges[:-1], edges[1:]):
         in_bin = (confidence > low) & (confidence <= high)
         if in_bin.any():
-            bins.append({"low": low, "high": high, "count": int(in_bin.sum()),
-                         "accuracy": float(correct[in_bin].mean()), "confidence": float(confidence[in_bin].mean())})
+            bins.append(
+                {
+                    "low": low,
+                    "high": high,
+                    "count": int(in_bin.sum()),
+                    "accuracy": float(correct[in_bin].mean()),
+                    "confidence": float(confidence[in_bin].mean()),
+                }
+            )
     return bins
 
 
 def macro_ovr_auc(y_true: np.ndarray, probs: np.ndarray) -> float:
     """Mean one-vs-rest AUC over the classes that have both positives and negatives."""
     aucs = [
-        roc_auc_score(y_true == c, probs[:, c])
-        for c in range(probs.shape[1])
-        if 0 < (y_true == c).sum() < len(y_true)
+        roc_auc_score(y_true == c, probs[:, c]) for c in range(probs.shape[1]) if 0 < (y_true == c).sum() < len(y_true)
     ]
     return float(np.mean(aucs)) if aucs else float("nan")
 
@@ -191,7 +199,11 @@ def save_plots(
     fig, ax = plt.subplots(figsize=(5, 5))
     ax.plot([0, 1], [0, 1], ":", color="grey")
     ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7, edgecolor="k")
-    ax.set(xlabel="confidence", ylabel="accuracy", title=f"Reliability (ECE {expected_calibration_error(y_true, probs):.3f})")
+    ax.set(
+        xlabel="confidence",
+        ylabel="accuracy",
+        title=f"Reliability (ECE {expected_calibration_error(y_true, probs):.3f})",
+    )
     fig.tight_layout()
     fig.savefig(out_dir / "reliability.png", dpi=120)
     plt.close(fig)
@@ -199,22 +211,36 @@ def save_plots(
     return written
 
 
-def write_report(metrics: dict[str, Any], out_dir: str | Path, title: str = "Evaluation", extra: dict | None = None) -> Path:
+def write_report(
+    metrics: dict[str, Any], out_dir: str | Path, title: str = "Evaluation", extra: dict | None = None
+) -> Path:
     """Write `report.json` and a readable `report.md` into `out_dir`."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": metrics, **(extra or {})}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
     lines = [f"# {title}", ""]
-    for key in ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc",
-                "sensitivity_at_80_specificity", "sensitivity_at_90_specificity", "ece"):
+    for key in (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_auc",
+        "malignant_auc",
+        "sensitivity_at_80_specificity",
+        "sensitivity_at_90_specificity",
+        "ece",
+    ):
         if key in metrics:
             value = metrics[key]
-            lines.append(f"- **{key.replace('_', ' ')}**: {value:.4f}" if isinstance(value, float) else f"- **{key}**: {value}")
+            lines.append(
+                f"- **{key.replace('_', ' ')}**: {value:.4f}" if isinstance(value, float) else f"- **{key}**: {value}"
+            )
     if "at_operating_threshold" in metrics:
         op = metrics["at_operating_threshold"]
-        lines.append(f"- **operating threshold** {op['threshold']:.4f} (chosen on validation): sensitivity "
-                     f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}")
+        lines.append(
+            f"- **operating threshold** {op['threshold']:.4f} (chosen on validation): sensitivity "
+            f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+        )
     lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
     for name, row in metrics.get("per_class", {}).items():
         lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
@@ -251,16 +277,20 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path, out_dir: str | Pat
     predictor = Predictor.from_path(bundle_dir)
     unknown = sorted(set(manifest.label) - set(predictor.class_names))
     if unknown:
-        raise ValueError(f"data has labels {unknown} that bundle '{bundle_dir}' does not know ({predictor.class_names})")
+        raise ValueError(
+            f"data has labels {unknown} that bundle '{bundle_dir}' does not know ({predictor.class_names})"
+        )
     table, errors = predictor.predict_files(manifest.path.tolist())
     kept = manifest.set_index(manifest.path.map(lambda p: Path(p).stem))["label"]
     y_true = np.array([predictor.class_names.index(kept[i]) for i in table.image_id])
     probs = table[[f"prob_{c}" for c in predictor.class_names]].to_numpy()
-    metrics = compute_metrics(y_true, probs, predictor.class_names, predictor.bundle.malignant_classes,
-                              predictor.bundle.operating_threshold)
+    metrics = compute_metrics(
+        y_true, probs, predictor.class_names, predictor.bundle.malignant_classes, predictor.bundle.operating_threshold
+    )
     out_dir = Path(out_dir)
     save_plots(y_true, probs, predictor.class_names, predictor.bundle.malignant_classes, out_dir)
-    write_report(metrics, out_dir, f"Evaluation of {bundle_dir} on {data}",
-                 {"skipped_images": [str(e) for e in errors]})
+    write_report(
+        metrics, out_dir, f"Evaluation of {bundle_dir} on {data}", {"skipped_images": [str(e) for e in errors]}
+    )
     pd.DataFrame(table).to_csv(out_dir / "predictions.csv", index=False)
     return metrics

@@ -62,7 +62,9 @@ def load_image(source: str | Path | bytes | Image.Image, limits: ImageLimits = I
         if len(data) == 0:
             raise ImageError(f"image '{label}' is empty (0 bytes); expected a JPEG, PNG, TIFF, BMP or WebP file")
         if len(data) > limits.max_bytes:
-            raise ImageError(f"image '{label}' is {len(data) / 2**20:.1f} MB; at most {limits.max_bytes / 2**20:.0f} MB")
+            raise ImageError(
+                f"image '{label}' is {len(data) / 2**20:.1f} MB; at most {limits.max_bytes / 2**20:.0f} MB"
+            )
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -70,7 +72,8 @@ def load_image(source: str | Path | bytes | Image.Image, limits: ImageLimits = I
                 image.size  # noqa: B018 - header parsed; the pixel check below runs before decoding
         except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError) as err:
             raise ImageError(
-                f"'{label}' is not a readable image ({type(err).__name__}); expected a JPEG, PNG, TIFF, BMP or WebP file"
+                f"'{label}' is not a readable image ({type(err).__name__}); "
+                "expected a JPEG, PNG, TIFF, BMP or WebP file"
             ) from err
     width, height = image.size
     if width * height > limits.max_pixels:

@@ -90,7 +90,9 @@ def ingest_ham10000(
     root = Path(root)
     metadata_path = Path(metadata) if metadata else root / "metadata.csv"
     if not metadata_path.is_file():
-        raise ManifestError(f"HAM10000 metadata '{metadata_path}' does not exist; expected metadata.csv with {HAM10000_COLUMNS}")
+        raise ManifestError(
+            f"HAM10000 metadata '{metadata_path}' does not exist; expected metadata.csv with {HAM10000_COLUMNS}"
+        )
     meta = pd.read_csv(metadata_path, dtype={"image_id": str, "lesion_id": str})
     missing = [c for c in HAM10000_COLUMNS if c not in meta.columns]
     if missing:
@@ -182,7 +184,9 @@ def append_train_rows(manifest: pd.DataFrame, new_rows: pd.DataFrame) -> pd.Data
     """Add synthetic or oversampled rows to the training split only; every existing row is kept unchanged."""
     if "split" in new_rows.columns and (new_rows.split != "train").any():
         bad = new_rows.loc[new_rows.split != "train", "split"].iloc[0]
-        raise ManifestError(f"added rows must have split=train, got split='{bad}': resampling touches training data only")
+        raise ManifestError(
+            f"added rows must have split=train, got split='{bad}': resampling touches training data only"
+        )
     new_rows = new_rows.assign(split="train")
     missing = [c for c in ("image_id", "path", "label", "source") if c not in new_rows.columns]
     if missing:
@@ -191,9 +195,9 @@ def append_train_rows(manifest: pd.DataFrame, new_rows: pd.DataFrame) -> pd.Data
         new_rows = new_rows.assign(group=new_rows.image_id)
     # Integer columns stay integers (nullable), so held-out rows serialise byte-identically before and after.
     integer_columns = [c for c in manifest.columns if pd.api.types.is_integer_dtype(manifest[c])]
-    combined = pd.concat(
-        [manifest.astype({c: "Int64" for c in integer_columns}), new_rows], ignore_index=True
-    ).astype({c: "Int64" for c in integer_columns})
+    combined = pd.concat([manifest.astype({c: "Int64" for c in integer_columns}), new_rows], ignore_index=True).astype(
+        {c: "Int64" for c in integer_columns}
+    )
     for column in combined.columns:
         if combined[column].dtype == object:
             combined[column] = combined[column].fillna("")

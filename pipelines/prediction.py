@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
@@ -88,7 +88,11 @@ def list_images(source: str | Path) -> list[Path]:
         if not files:
             raise FileNotFoundError(f"folder '{source}' holds no files")
         # Every file is tried, so that a corrupt or mislabelled file is reported rather than silently ignored.
-        return [p for p in files if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() not in {".csv", ".json", ".md", ".txt"}]
+        return [
+            p
+            for p in files
+            if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() not in {".csv", ".json", ".md", ".txt"}
+        ]
     if source.is_file() and source.suffix.lower() == ".csv":
         table = pd.read_csv(source, dtype=str, keep_default_na=False)
         column = "path" if "path" in table.columns else "image" if "image" in table.columns else None

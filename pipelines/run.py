@@ -6,8 +6,9 @@ import importlib
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from pipelines.config import RunConfig, dump_config
 
@@ -63,8 +64,11 @@ STAGES: list[tuple[str, Callable[[RunConfig], bool], StageFn]] = [
     ("ingest", lambda c: True, stage_ingest),
     ("captions", lambda c: c.captions is not None, _plugin("pipelines.captions:run_caption_stage")),
     ("lora", lambda c: c.lora is not None, _plugin("pipelines.synthesis:run_finetune_stage")),
-    ("synthesis", lambda c: c.synthesis is not None or c.data.synthetic_folder is not None,
-     _plugin("pipelines.synthesis:run_synthesis_stage")),
+    (
+        "synthesis",
+        lambda c: c.synthesis is not None or c.data.synthetic_folder is not None,
+        _plugin("pipelines.synthesis:run_synthesis_stage"),
+    ),
     ("train", lambda c: c.mil is None, stage_train),
     ("mil", lambda c: c.mil is not None, _plugin("pipelines.mil:run_mil_stage")),
     ("balancing", lambda c: c.balancing is not None, _plugin("pipelines.balancing:run_balancing_stage")),

@@ -8,9 +8,10 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -88,7 +89,9 @@ def _atomic_json(path: Path, payload: dict) -> None:
 
 
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader: DataLoader, accelerator, forward: ForwardFn) -> tuple[np.ndarray, np.ndarray]:
+def predict_loader(
+    model: nn.Module, loader: DataLoader, accelerator, forward: ForwardFn
+) -> tuple[np.ndarray, np.ndarray]:
     """Softmax probabilities and labels over a (prepared) loader, gathered from every process."""
     model.eval()
     all_probs, all_labels = [], []
@@ -152,9 +155,14 @@ def fit(
 
         writer = SummaryWriter(str(run_dir / "tensorboard"))
 
-    images_seen, train_seconds = 0, 0.0
+    images_seen, train_seconds, fit_started = 0, 0.0, time.perf_counter()
     for epoch in range(state["epoch"], settings.epochs):
         if state["bad_epochs"] >= settings.patience:
+            log.info("early stop: no better validation balanced accuracy for %d epochs", settings.patience)
+            break
+        elapsed_min = (time.perf_counter() - fit_started) / 60
+        if settings.time_budget_minutes is not None and elapsed_min >= settings.time_budget_minutes:
+            log.info("time budget of %.0f min reached after %d epochs", settings.time_budget_minutes, epoch)
             break
         if on_epoch_start is not None:
             on_epoch_start(epoch, settings.epochs)
@@ -188,8 +196,12 @@ def fit(
 
         probs, labels = predict_loader(model, val_loader, accelerator, forward)
         score = float(balanced_accuracy_score(labels, probs.argmax(1)))
-        record = {"epoch": epoch + 1, "train_loss": running / max(1, n_batches), "val_balanced_accuracy": score,
-                  "lr": scheduler.get_last_lr()[0]}
+        record = {
+            "epoch": epoch + 1,
+            "train_loss": running / max(1, n_batches),
+            "val_balanced_accuracy": score,
+            "lr": scheduler.get_last_lr()[0],
+        }
         state["history"].append(record)
         if score > state["best_score"]:
             state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
@@ -291,26 +303,46 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     accelerator = make_accelerator(settings)
     norm = default_normalization(model_cfg.name)
     model = build_model(
-        model_cfg.name, len(class_names), model_cfg.img_size, checkpoint=model_cfg.checkpoint,
-        pretrained=model_cfg.pretrained, **model_cfg.kwargs,
+        model_cfg.name,
+        len(class_names),
+        model_cfg.img_size,
+        checkpoint=model_cfg.checkpoint,
+        pretrained=model_cfg.pretrained,
+        **model_cfg.kwargs,
     )
-    train_ds = ImageDataset(train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images,
-                            settings.seed)
+    train_ds = ImageDataset(
+        train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images, settings.seed
+    )
     evaluate = eval_transform(model_cfg.img_size, **norm)
     val_ds = ImageDataset(val_df, class_names, evaluate, settings.cache_images)
     sampler = build_sampler(train_ds.labels, len(class_names), settings.sampler, settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     train_loader = DataLoader(
-        train_ds, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
-        num_workers=settings.num_workers, drop_last=len(train_ds) > settings.batch_size, generator=generator,
+        train_ds,
+        batch_size=settings.batch_size,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=settings.num_workers,
+        drop_last=len(train_ds) > settings.batch_size,
+        generator=generator,
     )
     val_loader = DataLoader(val_ds, batch_size=settings.batch_size * 2, num_workers=settings.num_workers)
     loss_fn = build_loss(
-        settings.loss, counts, settings.class_weighting, settings.effective_beta, settings.focal_gamma,
-        settings.logit_tau, settings.label_smoothing,
+        settings.loss,
+        counts,
+        settings.class_weighting,
+        settings.effective_beta,
+        settings.focal_gamma,
+        settings.logit_tau,
+        settings.label_smoothing,
     ).to(accelerator.device)
-    log.info("training %s on %d images (%s), validating on %d", model_cfg.name, len(train_ds),
-             dict(zip(class_names, counts)), len(val_ds))
+    log.info(
+        "training %s on %d images (%s), validating on %d",
+        model_cfg.name,
+        len(train_ds),
+        dict(zip(class_names, counts)),
+        len(val_ds),
+    )
     result = fit(model, train_loader, val_loader, loss_fn, settings, run_dir, accelerator)
     if not accelerator.is_main_process:
         return run_dir / "bundle"
@@ -340,20 +372,31 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         "metrics": {"validation": _headline(val_metrics)},
         "manifest_sha256": manifest_sha256(manifest_path),
         "training": {
-            "images": len(train_ds), "train_counts": source_counts, "best_epoch": result.best_epoch,
-            "epochs_run": len(result.history), "loss": settings.loss, "class_weighting": settings.class_weighting,
-            "sampler": settings.sampler, "pretrained": model_cfg.pretrained, "seed": settings.seed,
+            "images": len(train_ds),
+            "train_counts": source_counts,
+            "best_epoch": result.best_epoch,
+            "epochs_run": len(result.history),
+            "loss": settings.loss,
+            "class_weighting": settings.class_weighting,
+            "sampler": settings.sampler,
+            "pretrained": model_cfg.pretrained,
+            "seed": settings.seed,
             "data": str(config.data.root),
         },
     }
     report_dir = run_dir / "report"
-    extra = {"data": {"train_counts": source_counts}, "history": result.history,
-             "train_images_per_s": result.train_images_per_s, "validation": val_metrics}
+    extra = {
+        "data": {"train_counts": source_counts},
+        "history": result.history,
+        "train_images_per_s": result.train_images_per_s,
+        "validation": val_metrics,
+    }
     if len(test_df):
         test_ds = ImageDataset(test_df, class_names, evaluate)
         test_probs, test_labels, infer_speed = predict_dataset(model, test_ds)
-        test_metrics = compute_metrics(test_labels, test_probs, class_names, malignant,
-                                       threshold["threshold"] if threshold else None)
+        test_metrics = compute_metrics(
+            test_labels, test_probs, class_names, malignant, threshold["threshold"] if threshold else None
+        )
         card["metrics"]["test"] = _headline(test_metrics)
         extra["inference_images_per_s"] = infer_speed
         save_plots(test_labels, test_probs, class_names, malignant, report_dir)
@@ -369,8 +412,17 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics a model card shows (no confusion matrix)."""
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "sensitivity_at_80_specificity",
-            "sensitivity_at_90_specificity", "ece", "at_operating_threshold")
+    keep = (
+        "n",
+        "accuracy",
+        "balanced_accuracy",
+        "macro_auc",
+        "malignant_auc",
+        "sensitivity_at_80_specificity",
+        "sensitivity_at_90_specificity",
+        "ece",
+        "at_operating_threshold",
+    )
     headline = {k: metrics[k] for k in keep if k in metrics}
     headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
     return headline

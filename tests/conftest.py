@@ -28,10 +28,7 @@ def small_manifest(ham_manifest: pd.DataFrame, tmp_path_factory) -> Path:
     from pipelines.manifest import write_manifest
 
     quota = {"train": 12, "val": 4, "test": 4}
-    parts = [
-        rows.head(quota[split])
-        for (split, _), rows in ham_manifest.groupby(["split", "label"], sort=True)
-    ]
+    parts = [rows.head(quota[split]) for (split, _), rows in ham_manifest.groupby(["split", "label"], sort=True)]
     path = tmp_path_factory.mktemp("manifest") / "manifest.csv"
     write_manifest(pd.concat(parts, ignore_index=True), path)
     return path
@@ -41,8 +38,16 @@ def tiny_config(run_dir: Path, **training):
     """A run config for a seconds-long CPU training of a tiny CNN at 32 px."""
     from pipelines.config import RunConfig
 
-    settings = {"epochs": 2, "batch_size": 16, "lr": 3e-3, "warmup_epochs": 0.5, "patience": 5, "seed": 0,
-                "device": "cpu", **training}
+    settings = {
+        "epochs": 2,
+        "batch_size": 16,
+        "lr": 3e-3,
+        "warmup_epochs": 0.5,
+        "patience": 5,
+        "seed": 0,
+        "device": "cpu",
+        **training,
+    }
     return RunConfig.model_validate(
         {
             "run_dir": str(run_dir),

@@ -47,7 +47,9 @@ def main(out: Path) -> None:
     result = fit(model, train, val, torch.nn.CrossEntropyLoss(), settings, out / "run", accelerator, forward=forward)
     rank = accelerator.process_index
     (out / f"seen_{rank}.json").write_text(json.dumps(seen))
-    save_file({k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / f"weights_{rank}.safetensors"))
+    save_file(
+        {k: v.contiguous() for k, v in result.model.state_dict().items()}, str(out / f"weights_{rank}.safetensors")
+    )
     (out / f"world_{rank}.txt").write_text(f"{accelerator.num_processes} {accelerator.state.distributed_type.value}")
 
 

@@ -56,7 +56,9 @@ def test_predict_from_csv_list(tiny_bundle, tmp_path):
     files = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:3]
     listing = tmp_path / "list.csv"
     pd.DataFrame({"path": [str(f) for f in files]}).to_csv(listing, index=False)
-    assert main(["predict", "--bundle", str(tiny_bundle), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 0
+    assert (
+        main(["predict", "--bundle", str(tiny_bundle), "--images", str(listing), "--out", str(tmp_path / "p.csv")]) == 0
+    )
     assert len(pd.read_csv(tmp_path / "p.csv")) == 3
 
 
@@ -67,8 +69,10 @@ def test_predict_from_csv_list(tiny_bundle, tmp_path):
         (["evaluate", "--bundle", "BUNDLE", "--data", "/nonexistent/data"], "neither a manifest"),
         (["train", "--config", "/nonexistent.yaml"], "does not exist"),
         (["train", "--config", "configs/demo.yaml", "training.epochs=many"], "training.epochs"),
-        (["train", "--config", "configs/demo.yaml", "model.name=resnet", "data.root=data/ham10000_sample"],
-         "unknown model 'resnet'"),
+        (
+            ["train", "--config", "configs/demo.yaml", "model.name=resnet", "data.root=data/ham10000_sample"],
+            "unknown model 'resnet'",
+        ),
     ],
 )
 def test_bad_input_is_a_one_line_error(argv, message, tiny_bundle, tmp_path, capsys, monkeypatch):

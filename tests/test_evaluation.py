@@ -67,7 +67,11 @@ def test_operating_threshold_reaches_target_sensitivity(random_predictions):
 def test_report_and_plots_are_written(random_predictions, tmp_path):
     y, probs = random_predictions
     m = compute_metrics(y, probs, CLASSES, operating_threshold=0.5)
-    assert set(save_plots(y, probs, CLASSES, ["mel"], tmp_path)) == {"roc.png", "confusion_matrix.png", "reliability.png"}
+    assert set(save_plots(y, probs, CLASSES, ["mel"], tmp_path)) == {
+        "roc.png",
+        "confusion_matrix.png",
+        "reliability.png",
+    }
     report = write_report(m, tmp_path).read_text()
     assert "balanced accuracy" in report and "| df |" in report and "operating threshold" in report
     assert (tmp_path / "report.json").stat().st_size > 100

@@ -69,8 +69,11 @@ def test_class_folder_reader(tmp_path):
     (tmp_path / "groups.csv").write_text("image_id,group\nISIC_0024306,P1\nISIC_0024307,P1\n")
     df = ingest_class_folders(tmp_path)
     assert sorted(df.label) == ["benign", "benign", "malignant"]
-    assert df.set_index("image_id").group.to_dict() == {"ISIC_0024306": "P1", "ISIC_0024307": "P1",
-                                                         "ISIC_0024310": "ISIC_0024310"}
+    assert df.set_index("image_id").group.to_dict() == {
+        "ISIC_0024306": "P1",
+        "ISIC_0024307": "P1",
+        "ISIC_0024310": "ISIC_0024310",
+    }
 
 
 def test_missing_metadata_columns_are_named(tmp_path):

@@ -18,7 +18,9 @@ from models.efficientnet import (
 from models.registry import available_models, build_model
 
 
-@pytest.mark.parametrize("name,size", [("vit", 64), ("efficientnet-b0", 64), ("small-cnn", 48), ("efficientnet-lite1", 64)])
+@pytest.mark.parametrize(
+    "name,size", [("vit", 64), ("efficientnet-b0", 64), ("small-cnn", 48), ("efficientnet-lite1", 64)]
+)
 def test_registry_builds_plain_logit_classifiers(name, size):
     model = build_model(name, num_classes=5, img_size=size, pretrained=False).eval()
     with torch.no_grad():
@@ -72,9 +74,14 @@ def test_corrupt_checkpoint_is_rejected(tmp_path):
 def test_bundle_round_trip_gives_identical_predictions(tmp_path):
     torch.manual_seed(0)
     model = build_model("efficientnet-b0", 3, 64).eval()
-    card = {"architecture": {"name": "efficientnet-b0", "kwargs": {}}, "class_names": ["a", "b", "c"],
-            "malignant_classes": ["c"], "input_size": 64, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
-            "operating_threshold": 0.3}
+    card = {
+        "architecture": {"name": "efficientnet-b0", "kwargs": {}},
+        "class_names": ["a", "b", "c"],
+        "malignant_classes": ["c"],
+        "input_size": 64,
+        "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+        "operating_threshold": 0.3,
+    }
     save_bundle(tmp_path / "b", model, card)
     assert sorted(p.name for p in (tmp_path / "b").iterdir()) == ["card.json", "weights.safetensors"]
     bundle = load_bundle(tmp_path / "b")

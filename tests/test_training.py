@@ -82,8 +82,20 @@ def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(sm
 def test_two_process_accelerate_run_shards_data_and_ends_with_identical_weights(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     accelerate = [sys.executable, "-m", "accelerate.commands.launch"]
-    cmd = [*accelerate, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", str(REPO / "tests" / "ddp_worker.py"), str(tmp_path)]
+    cmd = [
+        *accelerate,
+        "--multi_gpu",
+        "--num_processes",
+        "2",
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        str(REPO / "tests" / "ddp_worker.py"),
+        str(tmp_path),
+    ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "world_0.txt").read_text() == "2 MULTI_CPU"
