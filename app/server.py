@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import heapq
 import importlib.util
 import logging
 import os
@@ -53,7 +54,9 @@ class ServeSettings:
     max_megapixels: float = 50.0
     max_batch_files: int = 200
     queue_size: int = 256
-    upload_grace_s: float = 5.0  # an upload is deleted this long after the last request using it ends
+    # An upload is deleted this long after the last request using it ends. Identical uploads share one file in
+    # Gradio's cache, so the grace must cover an identical upload's wait in the queue.
+    upload_grace_s: float = 15.0
     output_max_age_s: int = 900  # heat-maps and CSVs handed to the browser are deleted after this
     session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
 
@@ -200,15 +203,21 @@ def card_markdown(name: str, card: dict[str, Any]) -> str:
 class FileJanitor:
     """Deletes uploads soon after the last request that uses them, and our own output files after a while.
 
-    Gradio stores an upload at `<cache>/<sha256 of content>/<name>`, so two identical uploads share one file: an
-    upload is deleted only `grace_s` after the last request holding it ends (a reference count per path).
+    Gradio stores an upload at `<cache>/<sha256 of content>/<name>`, so identical uploads share one file: an upload
+    is deleted `grace_s` after the last request holding it ends (a reference count and a due time per path), and
+    not at all when an identical upload has replaced the file since (that upload's request deletes it).
+    One background thread does every deletion.
     """
 
     def __init__(self, root: str | Path, grace_s: float) -> None:
         self.root = Path(root).resolve()
         self.grace_s = grace_s
         self._holds: dict[Path, int] = {}
-        self._lock = threading.Lock()
+        self._inodes: dict[Path, int] = {}  # the file each upload path held when a request last took it
+        self._due: dict[Path, float] = {}
+        self._queue: list[tuple[float, str]] = []
+        self._wake = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def _inside(self, path: Path) -> bool:
         try:
@@ -220,39 +229,65 @@ class FileJanitor:
     def hold(self, paths: Sequence[str | Path]) -> list[Path]:
         """Mark uploads as in use; paths outside the upload cache (a local caller's own files) are never touched."""
         held = [Path(p).resolve() for p in paths if p and self._inside(Path(p))]
-        with self._lock:
+        with self._wake:
             for path in held:
                 self._holds[path] = self._holds.get(path, 0) + 1
+                try:
+                    self._inodes[path] = path.stat().st_ino
+                except OSError:
+                    self._inodes.pop(path, None)
         return held
 
     def release(self, held: Sequence[Path]) -> None:
         """End a request's use of `held`; each file is deleted once no request has held it for `grace_s`."""
-        with self._lock:
+        with self._wake:
             for path in held:
-                self._holds[path] = self._holds.get(path, 1) - 1
+                self._holds[path] = max(0, self._holds.get(path, 1) - 1)
         for path in held:
-            self.delete_later(path, self.grace_s, only_if_unheld=True)
+            self.delete_later(path, self.grace_s)
 
-    def delete_later(self, path: Path, delay_s: float, only_if_unheld: bool = False) -> None:
-        """Delete `path` (and its folder, if left empty) after `delay_s` seconds."""
+    def delete_later(self, path: str | Path, delay_s: float) -> None:
+        """Delete `path` (and its folder, if left empty) in `delay_s` seconds, unless a request holds it then."""
+        path = Path(path).resolve()
+        due = time.monotonic() + max(0.0, delay_s)
+        with self._wake:
+            self._due[path] = max(due, self._due.get(path, 0.0))
+            heapq.heappush(self._queue, (due, str(path)))
+            if delay_s > 0 and self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="lesionlab-janitor", daemon=True)
+                self._thread.start()
+            self._wake.notify()
         if delay_s <= 0:
-            self._delete(path, only_if_unheld)
-            return
-        timer = threading.Timer(delay_s, self._delete, args=(path, only_if_unheld))
-        timer.daemon = True
-        timer.start()
+            self._sweep()
 
-    def _delete(self, path: Path, only_if_unheld: bool) -> None:
-        with self._lock:
-            if only_if_unheld and self._holds.get(path, 0) > 0:
-                return
-            self._holds.pop(path, None)
-            try:
-                path.unlink(missing_ok=True)
-                if path.parent != self.root and not any(path.parent.iterdir()):
-                    path.parent.rmdir()
-            except OSError as err:  # another request re-created or removed it meanwhile
-                log.debug("could not delete a temporary file: %s", err)
+    def _run(self) -> None:
+        while True:
+            with self._wake:
+                wait = self._queue[0][0] - time.monotonic() if self._queue else None
+                if wait is None or wait > 0:
+                    self._wake.wait(timeout=wait)
+            self._sweep()
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        with self._wake:
+            while self._queue and self._queue[0][0] <= now:
+                path = Path(heapq.heappop(self._queue)[1])
+                if self._holds.get(path, 0) > 0 or self._due.get(path, 0.0) > now:
+                    continue  # in use again, or a later deletion is scheduled
+                self._due.pop(path, None)
+                self._holds.pop(path, None)
+                self._remove(path, self._inodes.pop(path, None))
+
+    def _remove(self, path: Path, inode: int | None) -> None:
+        try:
+            if inode is not None and path.stat().st_ino != inode:
+                return  # an identical upload replaced the file after our request took it: its request owns it
+            path.unlink()
+            if path.parent != self.root and not any(path.parent.iterdir()):
+                path.parent.rmdir()
+        except OSError as err:  # already gone, or re-created meanwhile
+            log.debug("temporary file not deleted: %s", err)
 
 
 # --------------------------------------------------------------------------------------------- the service
@@ -319,6 +354,17 @@ class LesionService:
             "outline": outline_image(image, mask),
         }
 
+    def save_output(self, image: Image.Image, name: str) -> str:
+        """Write an image for the browser as a PNG without metadata, under a fresh folder (deleted later)."""
+        folder = Path(tempfile.mkdtemp(prefix="out-", dir=self.output_dir))
+        path = folder / f"{name}.png"
+        clean = Image.new("RGB", image.size)
+        clean.paste(image.convert("RGB"))  # a new image: no EXIF, ICC profile or text chunks can come along
+        clean.save(path, format="PNG")
+        # Gradio copies it into its own cache when the request returns; its copy is deleted by `delete_cache`.
+        self.janitor.delete_later(path, 120.0)
+        return str(path)
+
     def batch(self, paths: Sequence[str | Path], model: ServedModel) -> tuple[Any, Path, list[str]]:
         """(prediction table, CSV path, skipped-file messages) with the columns of `lesionlab predict`."""
         if len(paths) > self.settings.max_batch_files:
@@ -381,8 +427,11 @@ def build_app(
         return gr.Error(str(err), duration=None, title="This file cannot be analysed", print_exception=False)
 
     def _single_outputs(result: dict[str, Any]) -> tuple:
-        return (result["label"], result["threshold"], result["heatmap"], result["outline"],
-                _readout_md(result["details"]["abcd"]), result["details"])
+        # Images are handed over as our own files: Gradio writes PIL outputs to a content-addressed cache path
+        # non-atomically, which breaks identical answers served at the same time.
+        return (result["label"], result["threshold"], service.save_output(result["heatmap"], "heatmap"),
+                service.save_output(result["outline"], "outline"), _readout_md(result["details"]["abcd"]),
+                result["details"])
 
     def _readout_md(readout: dict[str, Any]) -> str:
         from app.readout import readout_markdown
@@ -461,17 +510,19 @@ def build_app(
                                 with gr.Tab("Webcam"):
                                     webcam = gr.Image(sources=["webcam"], type="filepath", image_mode=None,
                                                       label="Take a photo", elem_id="webcam")
-                            card_box = gr.Markdown(card_markdown(default, models[default].card), elem_id="card")
+                            card_box = gr.Markdown(card_markdown(default, models[default].card), label="model card",
+                                                   elem_id="card")
                         with gr.Column(scale=2):
                             label = gr.Label(num_top_classes=max(len(m.bundle.class_names) for m in models.values()),
                                              label="Diagnosis probabilities", elem_id="label")
-                            threshold = gr.Markdown(elem_id="threshold")
+                            threshold = gr.Markdown(label="malignancy vs referral threshold", elem_id="threshold")
                             with gr.Row():
                                 heatmap = gr.Image(label="Explanation heat-map (what the model looked at)",
-                                                   type="pil", format="png", interactive=False, elem_id="heatmap")
-                                outline = gr.Image(label="Lesion outline used for the ABCD readout", type="pil",
+                                                   type="filepath", format="png", interactive=False,
+                                                   elem_id="heatmap")
+                                outline = gr.Image(label="Lesion outline used for the ABCD readout", type="filepath",
                                                    format="png", interactive=False, elem_id="outline")
-                            readout = gr.Markdown(elem_id="abcd")
+                            readout = gr.Markdown(label="ABCD readout", elem_id="abcd")
                             with gr.Accordion("Details (JSON)", open=False):
                                 details = gr.JSON(label="details", elem_id="details")
                     image_state = gr.State(None, time_to_live=settings.session_ttl_s)
@@ -495,7 +546,7 @@ def build_app(
                         batch_files = gr.File(label=f"Images ({file_types_note} each)", file_count="multiple",
                                               type="filepath", elem_id="batch-files")
                     batch_button = gr.Button("Classify all", variant="primary", elem_id="batch-run")
-                    batch_note = gr.Markdown(elem_id="batch-note")
+                    batch_note = gr.Markdown(label="skipped files", elem_id="batch-note")
                     batch_table = gr.Dataframe(label="Predictions", interactive=False, elem_id="batch-table")
                     batch_csv = gr.File(label="Download CSV (same columns as `lesionlab predict`)",
                                         elem_id="batch-csv")

@@ -35,12 +35,36 @@ def realistic_card(name: str, size: int, **kwargs) -> dict:
 
 
 def make_bundle(folder: Path, name: str, size: int, seed: int = 0, **kwargs) -> Path:
-    """Save a randomly initialised (seeded) classifier as a bundle; the head is scaled so classes differ."""
+    """Save a seeded random classifier as a bundle whose probabilities differ clearly between sample images.
+
+    BatchNorm statistics are re-estimated on a few sample images and the head is scaled to the embedding's spread,
+    so a wrong preprocessing step (orientation, colour conversion, crop) changes the probabilities visibly.
+    """
+    from PIL import Image
+
+    from pipelines.transforms import eval_transform
+
     torch.manual_seed(seed)
-    model = build_model(name, num_classes=len(HAM_CLASSES), img_size=size, **kwargs).eval()
+    model = build_model(name, num_classes=len(HAM_CLASSES), img_size=size, **kwargs)
+    card = realistic_card(name, size, **kwargs)
+    norm = card["normalization"]
+    transform = eval_transform(size, norm["mean"], norm["std"])
+    files = sorted(SAMPLE_IMAGES.glob("*.jpg"))[:16]
+    batch = torch.stack([transform(Image.open(f).convert("RGB")) for f in files])
     with torch.no_grad():
-        model.head.weight.mul_(20.0)  # spread the probabilities so a wrong preprocessing step would show
-    return save_bundle(folder, model, realistic_card(name, size, **kwargs))
+        model.train()
+        for module in model.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.reset_running_stats()
+                module.momentum = None  # cumulative average over the calibration passes
+        model(batch)
+        model.eval()
+        embeddings = model.forward_features(batch)
+        spread = embeddings.std(0).clamp_min(1e-6)
+        weight = torch.randn(len(HAM_CLASSES), embeddings.shape[1]) / spread / embeddings.shape[1] ** 0.5 * 1.5
+        model.head.weight.copy_(weight)
+        model.head.bias.copy_(-(weight @ embeddings.mean(0)))
+    return save_bundle(folder, model, card)
 
 
 @pytest.fixture(scope="session")
@@ -50,3 +74,26 @@ def models_dir(tmp_path_factory) -> Path:
     make_bundle(root / "lite0", "efficientnet-lite0", 64)
     make_bundle(root / "cnn", "small-cnn", 64, widths=[8, 16, 32])
     return root
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_server(models: Path, gradio_tmp: Path, **settings):
+    """Build and launch the app on 127.0.0.1 in this process (non-blocking); returns (demo, url)."""
+    import os
+
+    os.environ["GRADIO_TEMP_DIR"] = str(gradio_tmp)  # uploads land in the test's own folder
+    from app.server import ServeSettings, build_app, launch
+
+    options = ServeSettings(**settings)
+    demo = build_app(models, options)
+    port = free_port()
+    launch(demo, "127.0.0.1", port, options, block=False)
+    return demo, f"http://127.0.0.1:{port}/"

@@ -1,0 +1,365 @@
+"""The clinician app: a live server on 127.0.0.1 answering gradio_client calls, bad input, privacy, explanations."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from conftest_app import SAMPLE_IMAGES, free_port, make_bundle, models_dir, start_server  # noqa: F401
+from PIL import Image
+
+from models.bundle import load_bundle
+from pipelines.prediction import Predictor
+
+SAMPLE = SAMPLE_IMAGES / "ISIC_0024307.jpg"
+OTHER = SAMPLE_IMAGES / "ISIC_0024337.jpg"
+MAX_FILE_MB = 1.0
+MAX_MEGAPIXELS = 1.0
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def server(models_dir, tmp_path_factory):  # noqa: F811
+    """The app over the test bundles, on a free port, with small limits so that over-limit files stay small."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    uploads = tmp_path_factory.mktemp("gradio")
+    demo, url = start_server(models_dir, uploads, max_file_mb=MAX_FILE_MB, max_megapixels=MAX_MEGAPIXELS,
+                             upload_grace_s=0.2)
+    yield demo, url, uploads
+    demo.close()
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[1], verbose=False)
+
+
+@pytest.fixture(scope="module")
+def predictor(models_dir):  # noqa: F811
+    return Predictor(load_bundle(models_dir / "lite0"))
+
+
+def classify(client, path: Path, model: str = "lite0"):
+    from gradio_client import handle_file
+
+    return client.predict(handle_file(str(path)), model, api_name="/classify")
+
+
+def probabilities(result) -> np.ndarray:
+    details = result[-1]
+    return np.array(list(details["probabilities"].values()))
+
+
+# ----------------------------------------------------------------------------------------------- correct answers
+
+
+def test_classify_equals_lesionlab_predict(client, models_dir, tmp_path):  # noqa: F811
+    from pipelines.cli import main
+
+    folder = tmp_path / "one"
+    folder.mkdir()
+    (folder / SAMPLE.name).write_bytes(SAMPLE.read_bytes())
+    assert main(["predict", "--bundle", str(models_dir / "lite0"), "--images", str(folder),
+                 "--out", str(tmp_path / "p.csv")]) == 0
+    expected = pd.read_csv(tmp_path / "p.csv").iloc[0]
+
+    label, threshold, heatmap, outline, readout, details = classify(client, SAMPLE)
+    assert details["predicted"] == expected["pred_label"]
+    for name, p in details["probabilities"].items():
+        assert p == pytest.approx(expected[f"prob_{name}"], abs=2e-6)
+    assert details["prob_malignant"] == pytest.approx(expected["prob_malignant"], abs=2e-6)
+    # The label shows every class with its full name, most probable first, summing to one.
+    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
+    assert len(confidences) == 7 and sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
+    assert label["label"].endswith(f"({expected['pred_label']})")
+    # Threshold wording matches the card (threshold 0.3, sensitivity 90 %, specificity 62 %).
+    side = "Above" if expected["prob_malignant"] >= 0.3 else "Below"
+    assert f"{side} the referral threshold (0.300)" in threshold
+    assert ("found 90 % of malignant lesions" if side == "Above" else "cleared 62 % of benign lesions") in threshold
+    assert details["above_threshold"] == (side == "Above")
+    # Heat-map over the 64 px crop the model saw; the readout uses the ABCD code of the captioning stage.
+    with Image.open(heatmap) as image:
+        assert image.size == (64, 64) and image.mode == "RGB"
+    from pipelines.abcd import abcd_descriptors
+
+    abcd = abcd_descriptors(Image.open(SAMPLE).convert("RGB"))
+    assert details["abcd"]["colour_count"] == abcd["colour_count"]
+    assert details["abcd"]["diameter_px"] == pytest.approx(abcd["diameter_px"], abs=0.1)
+    assert "A: asymmetry" in readout and f"{abcd['diameter_px']:.0f} px" in readout
+    assert details["explanation"]["method"] == "gradcam"
+    with Image.open(outline) as image:
+        assert image.size == (128, 128)
+
+
+def test_batch_matches_predict_columns_and_skips_bad_files(client, models_dir, tmp_path):  # noqa: F811
+    from gradio_client import handle_file
+
+    from pipelines.cli import main
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for source in (SAMPLE, OTHER):
+        (folder / source.name).write_bytes(source.read_bytes())
+    main(["predict", "--bundle", str(models_dir / "cnn"), "--images", str(folder), "--out", str(tmp_path / "p.csv")])
+    expected = pd.read_csv(tmp_path / "p.csv")
+
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not a picture at all")
+    files = [handle_file(str(folder / SAMPLE.name)), handle_file(str(bad)), handle_file(str(folder / OTHER.name))]
+    table, csv, note = client.predict(files, "cnn", api_name="/classify_batch")
+    got = pd.read_csv(csv)
+    assert list(got.columns) == list(expected.columns)
+    assert list(table["headers"]) == list(expected.columns)
+    assert got["image_id"].tolist() == expected["image_id"].tolist()
+    assert got["pred_label"].tolist() == expected["pred_label"].tolist()
+    numeric = [c for c in expected.columns if c.startswith("prob_")]
+    np.testing.assert_allclose(got[numeric].to_numpy(), expected[numeric].to_numpy(), atol=2e-6)
+    assert "2 of 3 images classified" in note and "'broken.png' is not a readable image" in note
+
+
+def test_model_card_api_and_intended_use(client, server):
+    card = client.predict("cnn", api_name="/model_card")
+    assert "small-cnn" in card and "Validation metrics" in card and "balanced accuracy 0.610" in card
+    assert "sensitivity 90 %, specificity 62 %" in card
+    with urllib.request.urlopen(server[1] + "config", timeout=10) as response:
+        config = response.read().decode()
+    assert "Not a diagnostic device" in config
+
+
+# ----------------------------------------------------------------------------------------------- bad input
+
+
+def _noise_png(path: Path, side: int) -> Path:
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+BAD_INPUTS = {
+    "not an image": (lambda d: _write(d / "notes.jpg", b"Patient notes, definitely not a JPEG\n" * 20),
+                     "is not a readable image"),
+    "truncated": (lambda d: _write(d / "cut.jpg", SAMPLE.read_bytes()[: SAMPLE.stat().st_size // 2]),
+                  "corrupt or truncated"),
+    "zero bytes": (lambda d: _write(d / "empty.png", b""), r"empty \(0 bytes\)"),
+    "too large": (lambda d: _noise_png(d / "big.png", 700), r"is 1.4 MB; at most 1 MB"),
+    "too many pixels": (lambda d: _save(Image.new("RGB", (1200, 1000), (200, 150, 140)), d / "bomb.png"),
+                        r"1.2 MP \(1200 x 1000\); at most 1 MP"),
+    "too small": (lambda d: _save(Image.new("RGB", (20, 24), (200, 150, 140)), d / "tiny.png"),
+                  r"20 x 24 px; at least 32 x 32 px"),
+}
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def _save(image: Image.Image, path: Path, **kwargs) -> Path:
+    image.save(path, **kwargs)
+    return path
+
+
+@pytest.mark.parametrize("kind", list(BAD_INPUTS))
+def test_bad_input_gets_its_message_and_server_stays_up(client, predictor, tmp_path, kind):
+    from gradio_client.exceptions import AppError
+
+    make, message = BAD_INPUTS[kind]
+    path = make(tmp_path)
+    if kind == "too large":
+        assert MAX_FILE_MB * 2**20 < path.stat().st_size < 2 * MAX_FILE_MB * 2**20
+    with pytest.raises(AppError, match=message):
+        classify(client, path)
+    result = classify(client, SAMPLE)  # the next good request still succeeds
+    np.testing.assert_allclose(probabilities(result), predictor.predict([Image.open(SAMPLE).convert("RGB")])[0],
+                               atol=1e-6)
+
+
+def _modes(rgb: Image.Image) -> dict[str, tuple[Image.Image, Image.Image, str]]:
+    """mode name -> (image to upload, the RGB image it must decode to, file format)."""
+    gray = rgb.convert("L")
+    rgba = rgb.convert("RGBA")
+    alpha = np.full(rgb.size[::-1], 255, dtype=np.uint8)
+    alpha[:16, :16] = 0  # a transparent corner is composited on white
+    rgba.putalpha(Image.fromarray(alpha))
+    white_corner = np.asarray(rgb).copy()
+    white_corner[:16, :16] = 255
+    sixteen = Image.fromarray(np.asarray(gray).astype(np.uint16) * 257)
+    palette = rgb.quantize(64)
+    cmyk = rgb.convert("CMYK")
+    return {
+        "grayscale": (gray, gray.convert("RGB"), "PNG"),
+        "RGBA": (rgba, Image.fromarray(white_corner), "PNG"),
+        "16-bit": (sixteen, gray.convert("RGB"), "PNG"),
+        "CMYK": (cmyk, cmyk.convert("RGB"), "TIFF"),
+        "palette": (palette, palette.convert("RGB"), "PNG"),
+        "BMP": (rgb, rgb, "BMP"),
+        "WebP lossless": (rgb, rgb, "WEBP"),
+    }
+
+
+@pytest.mark.parametrize("mode", ["grayscale", "RGBA", "16-bit", "CMYK", "palette", "BMP", "WebP lossless"])
+def test_image_modes_are_converted_correctly(client, predictor, tmp_path, mode):
+    rgb = Image.open(SAMPLE).convert("RGB")
+    upload, reference, fmt = _modes(rgb)[mode]
+    options = {"lossless": True} if fmt == "WEBP" else {}
+    path = _save(upload, tmp_path / f"image.{fmt.lower()}", format=fmt, **options)
+    got = probabilities(classify(client, path))
+    np.testing.assert_allclose(got, predictor.predict([reference])[0], atol=1e-6)
+
+
+def test_exif_orientation_is_applied(client, predictor, tmp_path):
+    upright = Image.open(SAMPLE).convert("RGB")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # a camera that stored it turned, with EXIF saying so
+    exif = Image.Exif()
+    exif[0x0112] = 6  # "rotate 90 degrees clockwise to display"
+    exif[0x010F] = "SecretCam"  # metadata that must not come back
+    path = _save(stored, tmp_path / "turned.png", exif=exif)
+    got = probabilities(classify(client, path))
+    np.testing.assert_allclose(got, predictor.predict([upright])[0], atol=1e-6)
+    assert not np.allclose(got, predictor.predict([stored])[0], atol=1e-3)  # the test could fail
+
+
+# ----------------------------------------------------------------------------------------------- privacy, load
+
+
+def test_uploads_deleted_outputs_stripped_and_names_not_logged(client, server, tmp_path, caplog, capfd):
+    caplog.set_level(logging.DEBUG)
+    _, _, uploads = server
+    secret = "jane_doe_1962"
+    good = _save(Image.open(SAMPLE).convert("RGB"), tmp_path / f"{secret}.jpg", exif=_camera_exif())
+    bad = _write(tmp_path / f"{secret}_scan.jpg", b"\x00" * 100)
+    from gradio_client.exceptions import AppError
+
+    with pytest.raises(AppError):
+        classify(client, bad)
+    result = classify(client, good)
+    for returned in (result[2], result[3]):  # heat-map and outline: PNG without EXIF or text chunks
+        with Image.open(returned) as image:
+            assert not image.getexif() and "exif" not in image.info
+            assert not {k for k in image.info if k not in ("dpi", "gamma", "srgb")}
+    deadline = time.time() + 5
+    while time.time() < deadline and list(uploads.rglob(f"{secret}*")):
+        time.sleep(0.1)
+    assert not list(uploads.rglob(f"{secret}*")), "uploads must be deleted after the request"
+    logged = caplog.text + "".join(capfd.readouterr())
+    assert "analysed one image" in caplog.text  # the log is captured at all
+    assert secret not in logged
+
+
+def _camera_exif() -> Image.Exif:
+    exif = Image.Exif()
+    exif[0x010F] = "SecretCam"
+    exif[0x0132] = "2024:01:01 10:00:00"
+    return exif
+
+
+def test_parallel_requests_give_identical_answers(client, predictor):
+    expected = predictor.predict([Image.open(OTHER).convert("RGB")])[0]
+    with ThreadPoolExecutor(6) as pool:
+        results = list(pool.map(lambda _: probabilities(classify(client, OTHER)), range(6)))
+    for got in results:
+        np.testing.assert_allclose(got, expected, atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- pieces
+
+
+def test_explainer_heatmaps_and_predictor_untouched(models_dir, tmp_path):  # noqa: F811
+    from app.explain import Explainer
+
+    image = Image.open(SAMPLE).convert("RGB")
+    vit_dir = make_bundle(tmp_path / "vit", "vit", 64, patch_size=16, hidden_size=48, mlp_dim=96, num_layers=2,
+                          num_heads=2)
+    for folder, method in ((models_dir / "lite0", "gradcam"), (models_dir / "cnn", "gradcam"), (vit_dir, "attention")):
+        bundle = load_bundle(folder)
+        predictor = Predictor(bundle)
+        before = predictor.predict([image])
+        explanation = Explainer(bundle).explain(image, int(before[0].argmax()))
+        assert explanation.method == method
+        heat = explanation.heatmap
+        assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1.0) and heat.std() > 0.01
+        assert explanation.overlay().size == (64, 64)
+        # The served network gets no hooks and gives the same answer afterwards.
+        assert all(not m._forward_hooks and not m._backward_hooks for m in bundle.model.modules())
+        np.testing.assert_array_equal(predictor.predict([image]), before)
+
+
+def test_threshold_wording_below_and_without_malignant_classes():
+    from app.server import threshold_markdown
+
+    card = {"operating_threshold": 0.3, "malignant_classes": ["mel"],
+            "threshold_metrics": {"sensitivity": 0.9, "specificity": 0.62}}
+    below = threshold_markdown(0.1, card)
+    assert "Below the referral threshold (0.300)" in below and "cleared 62 % of benign lesions" in below
+    assert "missed 10 % of malignant" in below
+    assert "no malignancy probability" in threshold_markdown(float("nan"), {"malignant_classes": []})
+
+
+def test_discover_bundles_errors(tmp_path, models_dir):  # noqa: F811
+    from app.server import discover_bundles
+
+    assert sorted(discover_bundles(models_dir)) == ["cnn", "lite0"]
+    assert list(discover_bundles(models_dir / "cnn")) == ["cnn"]  # a single bundle folder works too
+    with pytest.raises(FileNotFoundError, match="no model bundle"):
+        discover_bundles(tmp_path)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        discover_bundles(tmp_path / "missing")
+
+
+def test_janitor_never_deletes_files_outside_the_upload_cache(tmp_path):
+    from app.server import FileJanitor
+
+    cache = tmp_path / "cache"
+    (cache / "abc").mkdir(parents=True)
+    inside = _write(cache / "abc" / "x.jpg", b"1")
+    outside = _write(tmp_path / "mine.jpg", b"1")
+    janitor = FileJanitor(cache, grace_s=0)
+    first, second = janitor.hold([inside, outside]), janitor.hold([inside])
+    assert first == [inside.resolve()]
+    janitor.release(first)
+    assert inside.exists()  # still held by the second request (identical uploads share one file)
+    janitor.release(second)
+    assert not inside.exists() and not (cache / "abc").exists() and outside.exists()
+
+
+def test_lesionlab_serve_command(models_dir, tmp_path):  # noqa: F811
+    from gradio_client import Client
+
+    port = free_port()
+    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "pipelines.cli", "serve", "--models", str(models_dir), "--port", str(port),
+         "--concurrency", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        deadline = time.time() + 90
+        while time.time() < deadline:
+            try:
+                urllib.request.urlopen(url, timeout=2)
+                break
+            except OSError:
+                assert process.poll() is None, process.stdout.read().decode()[-2000:]
+                time.sleep(0.5)
+        card = Client(url, verbose=False).predict("lite0", api_name="/model_card")
+        assert "efficientnet-lite0" in card
+    finally:
+        process.terminate()
+        process.wait(timeout=30)
+    output = process.stdout.read().decode()
+    assert "loaded model 'lite0'" in output
