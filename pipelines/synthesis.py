@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,6 +176,7 @@ class FinetuneResult:
     global_step: int
     losses: list[float] = field(default_factory=list)
     transformer: Any = None
+    seconds_per_step: float | None = None  # wall time of this invocation's optimisation steps
 
 
 def _train_rows(manifest: pd.DataFrame) -> pd.DataFrame:
@@ -293,6 +295,7 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
     progress = tqdm(
         total=settings.steps, initial=global_step, desc="LoRA", disable=not accelerator.is_local_main_process
     )
+    first_step, loop_start = global_step, time.perf_counter()
     while global_step < settings.steps:
         # Batches and noise depend only on (seed, step, process), so a resumed run continues exactly.
         gen = torch.Generator().manual_seed(
@@ -349,6 +352,7 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
         if global_step % settings.checkpointing_steps == 0 or global_step == settings.steps:
             _save_checkpoint(accelerator, checkpoints, global_step, losses, settings.checkpoints_total_limit)
     progress.close()
+    seconds_per_step = (time.perf_counter() - loop_start) / max(1, global_step - first_step)
 
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(transformer)
@@ -369,7 +373,7 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
         (out_dir / "lora_card.json").write_text(json.dumps(card, indent=2))
         log.info("LoRA saved to %s after %d steps", lora_path, global_step)
     accelerator.wait_for_everyone()
-    return FinetuneResult(lora_path=lora_path, global_step=global_step, losses=losses, transformer=unwrapped)
+    return FinetuneResult(lora_path, global_step, losses, unwrapped, seconds_per_step)
 
 
 def _latest_checkpoint(folder: Path) -> Path | None:
