@@ -1,6 +1,6 @@
 """Measure ABCD/caption speed on real images and the tiny FLUX LoRA fine-tune step time and generation rate.
 
-    .venv/bin/python benchmarks/synthesis_benchmark.py ../shared/data/ham10000 --images 200 --steps 20 --threads 1
+.venv/bin/python benchmarks/synthesis_benchmark.py ../shared/data/ham10000 --images 200 --steps 20 --threads 1
 """
 
 from __future__ import annotations
@@ -66,8 +66,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         base = save_tiny_flux(tmp / "tiny")
-        common = {"base": str(base), "resolution": args.resolution, "max_sequence_length": 128, "resume": False,
-                  "checkpointing_steps": 10**9}
+        common = {
+            "base": str(base),
+            "resolution": args.resolution,
+            "max_sequence_length": 128,
+            "resume": False,
+            "checkpointing_steps": 10**9,
+        }
         start = time.perf_counter()
         result = S.finetune_lora(captioned, tmp / "lora", S.FinetuneConfig(steps=args.steps, **common))
         results["finetune_total_s"] = time.perf_counter() - start
@@ -75,8 +80,13 @@ def main() -> None:
         results["finetune_last_loss"] = result.losses[-1]
 
         pipe = S.load_flux_pipeline(base, lora=result.lora_path)
-        settings = S.SynthesisConfig(base=str(base), lora=str(result.lora_path), resolution=args.resolution,
-                                     num_inference_steps=args.inference_steps, max_sequence_length=128)
+        settings = S.SynthesisConfig(
+            base=str(base),
+            lora=str(result.lora_path),
+            resolution=args.resolution,
+            num_inference_steps=args.inference_steps,
+            max_sequence_length=128,
+        )
         prompts = captioned.caption.tolist()[: args.generate]
         prompts = (prompts * (args.generate // max(1, len(prompts)) + 1))[: args.generate]
         S.generate_images(pipe, prompts[:1], [0], settings)  # warm-up

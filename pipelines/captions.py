@@ -238,7 +238,9 @@ def add_cli(subparsers: Any) -> None:
     parser.add_argument("--llm", default=None, help="local folder of an instruction-tuned LLM to rewrite captions")
     parser.add_argument("--llm-max-new-tokens", type=int, default=120)
     parser.add_argument(
-        "--malignant-classes", nargs="+", default=list(DEFAULT_MALIGNANT), help="used when the manifest has no "
-        "`malignant` column"
+        "--malignant-classes",
+        nargs="+",
+        default=list(DEFAULT_MALIGNANT),
+        help="used when the manifest has no `malignant` column",
     )
     parser.set_defaults(func=_cmd_caption)

@@ -144,8 +144,9 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str = "dermaflux") -> N
     if lora.is_dir():
         lora = lora / LORA_WEIGHTS_NAME
     if not lora.is_file():
-        raise FileNotFoundError(f"LoRA '{lora}' does not exist; expected a .safetensors file or a folder with "
-                                f"{LORA_WEIGHTS_NAME}")
+        raise FileNotFoundError(
+            f"LoRA '{lora}' does not exist; expected a .safetensors file or a folder with {LORA_WEIGHTS_NAME}"
+        )
     pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
 
 
@@ -264,7 +265,8 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
                 if weights:
                     weights.pop()  # LoRA only: never write the frozen base transformer into a checkpoint
             FluxPipeline.save_lora_weights(
-                output_dir, transformer_lora_layers=lora_layers,
+                output_dir,
+                transformer_lora_layers=lora_layers,
                 transformer_lora_adapter_metadata=lora_config.to_dict(),
             )
 
@@ -309,7 +311,11 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
         noise = torch.randn(model_input.shape, generator=gen).to(accelerator.device, weight_dtype)
         bsz, channels, height, width = model_input.shape
         u = compute_density_for_timestep_sampling(
-            settings.weighting_scheme, bsz, settings.logit_mean, settings.logit_std, settings.mode_scale,
+            settings.weighting_scheme,
+            bsz,
+            settings.logit_mean,
+            settings.logit_std,
+            settings.mode_scale,
             generator=gen,
         )
         step_index = (u * num_train_timesteps).long().clamp(max=num_train_timesteps - 1).to(accelerator.device)
@@ -631,13 +637,21 @@ def synthesize(
     from tqdm import tqdm
 
     out_dir = Path(out_dir)
-    plan = counts if counts is not None else plan_counts(
-        manifest, settings.min_ratio, settings.max_per_class, settings.classes
+    plan = (
+        counts
+        if counts is not None
+        else plan_counts(manifest, settings.min_ratio, settings.max_per_class, settings.classes)
     )
     real_train = manifest[(manifest.split == "train") & (manifest.source == "real")]
     per_class = {
-        label: {"real": int((real_train.label == label).sum()), "requested": n, "generated": 0,
-                "dropped_memorisation": 0, "dropped_quality": 0, "accepted": 0}
+        label: {
+            "real": int((real_train.label == label).sum()),
+            "requested": n,
+            "generated": 0,
+            "dropped_memorisation": 0,
+            "dropped_quality": 0,
+            "accepted": 0,
+        }
         for label, n in plan.items()
     }
     lora_hash = None
@@ -682,7 +696,8 @@ def synthesize(
         with accelerator.split_between_processes(jobs) as mine:
             records = []
             for start in tqdm(
-                range(0, len(mine), max(1, settings.batch_size)), desc=f"synthesis round {round_index}",
+                range(0, len(mine), max(1, settings.batch_size)),
+                desc=f"synthesis round {round_index}",
                 disable=not accelerator.is_local_main_process,
             ):
                 batch = mine[start : start + settings.batch_size]
@@ -694,8 +709,15 @@ def synthesize(
                 if quality is not None:
                     quality_keep, _ = quality.keep(images, labels)
                 for (label, prompt, seed), image, k, s, q in zip(batch, images, keep, sims, quality_keep, strict=True):
-                    record = {"label": label, "prompt": prompt, "seed": seed, "similarity": float(s),
-                              "memorised": bool(not k), "off_class": bool(k and not q), "path": ""}
+                    record = {
+                        "label": label,
+                        "prompt": prompt,
+                        "seed": seed,
+                        "similarity": float(s),
+                        "memorised": bool(not k),
+                        "off_class": bool(k and not q),
+                        "path": "",
+                    }
                     if k and q:
                         path = image_dir / label / f"syn_{label}_{seed}.png"
                         path.parent.mkdir(parents=True, exist_ok=True)
@@ -717,8 +739,13 @@ def synthesize(
     report = SynthesisReport(per_class, lora_hash, round_index)
     for label, stats in per_class.items():
         if stats["accepted"] < stats["requested"]:
-            log.warning("class '%s': %d of %d synthetic images accepted after %d rounds", label, stats["accepted"],
-                        stats["requested"], round_index)
+            log.warning(
+                "class '%s': %d of %d synthetic images accepted after %d rounds",
+                label,
+                stats["accepted"],
+                stats["requested"],
+                round_index,
+            )
     new_rows = pd.DataFrame(
         [
             {
@@ -762,8 +789,10 @@ def synthetic_rows_from_folder(
         table = pd.read_csv(csv, dtype=str, keep_default_na=False)
         missing = [c for c in (path_column, class_column) if c not in table.columns]
         if missing:
-            raise ValueError(f"'{csv}' lacks columns {missing}; it needs a path column '{path_column}' and a class "
-                             f"column '{class_column}' (see --path-column / --class-column)")
+            raise ValueError(
+                f"'{csv}' lacks columns {missing}; it needs a path column '{path_column}' and a class "
+                f"column '{class_column}' (see --path-column / --class-column)"
+            )
         paths = [Path(p) if os.path.isabs(p) else folder / p for p in table[path_column]]
         labels = table[class_column].tolist()
     else:
@@ -780,8 +809,15 @@ def synthetic_rows_from_folder(
         raise ValueError(f"'{folder}' has no synthetic images (expected <class>/<image> files or a CSV)")
     ids = [f"synext_{p.stem}" for p in paths]
     return pd.DataFrame(
-        {"image_id": ids, "path": [str(p.resolve()) for p in paths], "label": labels, "group": ids,
-         "split": "train", "source": "synthetic", "synthesis_base": f"folder:{folder}"}
+        {
+            "image_id": ids,
+            "path": [str(p.resolve()) for p in paths],
+            "label": labels,
+            "group": ids,
+            "split": "train",
+            "source": "synthetic",
+            "synthesis_base": f"folder:{folder}",
+        }
     )
 
 
@@ -850,8 +886,9 @@ def run_synthesis_stage(config: Any, run_dir: str | Path, manifest_path: str | P
         settings = settings.model_copy(update={"lora": str(run_dir / "lora" / LORA_WEIGHTS_NAME)})
     manifest = read_manifest(manifest_path)
     if settings.folder:
-        rows = synthetic_rows_from_folder(settings.folder, settings.folder_csv, settings.class_column,
-                                          settings.path_column)
+        rows = synthetic_rows_from_folder(
+            settings.folder, settings.folder_csv, settings.class_column, settings.path_column
+        )
         guard = MemorisationGuard(make_embedder(settings.embedding), settings.memorisation_threshold)
         combined, stats = add_synthetic_folder(manifest, rows, guard)
         (run_dir / "synthesis").mkdir(parents=True, exist_ok=True)
@@ -867,8 +904,12 @@ def _cmd_finetune(args: Any) -> None:
     fields = {k: v for k, v in vars(args).items() if k in FinetuneConfig.model_fields and v is not None}
     settings = FinetuneConfig(**fields)
     result = finetune_lora(read_manifest(args.manifest), args.out, settings)
-    log.info("LoRA: %s (%d steps, last loss %.4f)", result.lora_path, result.global_step,
-             result.losses[-1] if result.losses else float("nan"))
+    log.info(
+        "LoRA: %s (%d steps, last loss %.4f)",
+        result.lora_path,
+        result.global_step,
+        result.losses[-1] if result.losses else float("nan"),
+    )
 
 
 def _cmd_synthesize(args: Any) -> None:
@@ -879,10 +920,13 @@ def _cmd_synthesize(args: Any) -> None:
     manifest = read_manifest(args.manifest)
     out_manifest = Path(args.out_manifest) if args.out_manifest else Path(args.out) / "manifest.csv"
     if settings.folder:
-        rows = synthetic_rows_from_folder(settings.folder, settings.folder_csv, settings.class_column,
-                                          settings.path_column)
-        guard = None if args.no_guard else MemorisationGuard(
-            make_embedder(settings.embedding), settings.memorisation_threshold
+        rows = synthetic_rows_from_folder(
+            settings.folder, settings.folder_csv, settings.class_column, settings.path_column
+        )
+        guard = (
+            None
+            if args.no_guard
+            else MemorisationGuard(make_embedder(settings.embedding), settings.memorisation_threshold)
         )
         combined, stats = add_synthetic_folder(manifest, rows, guard)
         Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -945,4 +989,3 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--path-column")
     p.add_argument("--no-guard", action="store_true", help="skip the memorisation guard for --folder images")
     p.set_defaults(func=_cmd_synthesize)
-

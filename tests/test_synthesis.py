@@ -52,9 +52,14 @@ def finetuned(manifest: pd.DataFrame, base: Path, tmp_path_factory: pytest.TempP
 
 def _generate(pipe, seed: int = 0) -> torch.Tensor:
     return pipe(
-        "This photo depicts a malignant lesion. The diagnosis is melanoma.", height=32, width=32,
-        num_inference_steps=2, guidance_scale=3.5, max_sequence_length=48,
-        generator=torch.Generator().manual_seed(seed), output_type="pt",
+        "This photo depicts a malignant lesion. The diagnosis is melanoma.",
+        height=32,
+        width=32,
+        num_inference_steps=2,
+        guidance_scale=3.5,
+        max_sequence_length=48,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="pt",
     ).images
 
 
@@ -169,8 +174,12 @@ def test_synthesis_reports_what_the_guard_dropped(manifest: pd.DataFrame, tmp_pa
     out, report = S.synthesize(manifest, tmp_path, settings, pipe=CopyingPipe(), counts={"df": 2})
     assert (out.source == "synthetic").sum() == 0
     assert report.per_class["df"] == {
-        "real": int(((manifest.split == "train") & (manifest.label == "df")).sum()), "requested": 2,
-        "generated": 4, "dropped_memorisation": 4, "dropped_quality": 0, "accepted": 0,
+        "real": int(((manifest.split == "train") & (manifest.label == "df")).sum()),
+        "requested": 2,
+        "generated": 4,
+        "dropped_memorisation": 4,
+        "dropped_quality": 0,
+        "accepted": 0,
     }
 
 
@@ -182,7 +191,7 @@ def test_existing_synthetic_folder_is_added_to_train_only(manifest: pd.DataFrame
             Image.fromarray(array).save(tmp_path / label / f"{label}_{i}.png")
     rows = S.synthetic_rows_from_folder(tmp_path)
     out, stats = S.add_synthetic_folder(manifest, rows, S.MemorisationGuard())
-    added = out.iloc[len(manifest):]
+    added = out.iloc[len(manifest) :]
     assert len(added) == 4 and (added.split == "train").all() and (added.source == "synthetic").all()
     assert stats == {"df": {"offered": 2, "dropped_memorisation": 0}, "mel": {"offered": 2, "dropped_memorisation": 0}}
     with pytest.raises(ValueError, match="not in the manifest"):
