@@ -22,7 +22,6 @@ class DataConfig(Section):
     images: list[str] | None = None
     manifest: str | None = None
     malignant_classes: list[str] = ["mel", "bcc", "akiec"]
-    synthetic_folder: str | None = Field(None, description="existing synthetic images: <folder>/<class>/<img> or a CSV")
 
 
 class SplitConfig(Section):

@@ -46,7 +46,8 @@ def _plugin(target: str) -> StageFn:
 
     def run(config: RunConfig, run_dir: Path, manifest: Path | None) -> dict[str, Any]:
         module_name, function = target.split(":")
-        return getattr(importlib.import_module(module_name), function)(config, run_dir, manifest)
+        outputs = getattr(importlib.import_module(module_name), function)(config, run_dir, manifest)
+        return outputs if isinstance(outputs, dict) else {"manifest": str(outputs)}
 
     return run
 
@@ -64,11 +65,7 @@ STAGES: list[tuple[str, Callable[[RunConfig], bool], StageFn]] = [
     ("ingest", lambda c: True, stage_ingest),
     ("captions", lambda c: c.captions is not None, _plugin("pipelines.captions:run_caption_stage")),
     ("lora", lambda c: c.lora is not None, _plugin("pipelines.synthesis:run_finetune_stage")),
-    (
-        "synthesis",
-        lambda c: c.synthesis is not None or c.data.synthetic_folder is not None,
-        _plugin("pipelines.synthesis:run_synthesis_stage"),
-    ),
+    ("synthesis", lambda c: c.synthesis is not None, _plugin("pipelines.synthesis:run_synthesis_stage")),
     ("train", lambda c: c.mil is None, stage_train),
     ("mil", lambda c: c.mil is not None, _plugin("pipelines.mil:run_mil_stage")),
     ("balancing", lambda c: c.balancing is not None, _plugin("pipelines.balancing:run_balancing_stage")),
