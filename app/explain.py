@@ -28,9 +28,12 @@ class Explanation:
     class_index: int
     method: str
 
-    def overlay(self, alpha: float = 0.45) -> Image.Image:
-        """The crop the model saw with the heat-map blended over it (RGB, no metadata)."""
-        return overlay_heatmap(self.crop, self.heatmap, alpha)
+    def overlay(self, alpha: float = 0.45, min_side: int = 320) -> Image.Image:
+        """The crop the model saw with the heat-map blended over it (RGB, no metadata), at least `min_side` px."""
+        crop = self.crop
+        if crop.size[0] < min_side:
+            crop = crop.resize((min_side, min_side), Image.Resampling.BICUBIC)
+        return overlay_heatmap(crop, self.heatmap, alpha)
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:

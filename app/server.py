@@ -519,9 +519,10 @@ def build_app(
                             with gr.Row():
                                 heatmap = gr.Image(label="Explanation heat-map (what the model looked at)",
                                                    type="filepath", format="png", interactive=False,
-                                                   elem_id="heatmap")
+                                                   height=320, elem_id="heatmap")
                                 outline = gr.Image(label="Lesion outline used for the ABCD readout", type="filepath",
-                                                   format="png", interactive=False, elem_id="outline")
+                                                   format="png", interactive=False, height=320,
+                                                   elem_id="outline")
                             readout = gr.Markdown(label="ABCD readout", elem_id="abcd")
                             with gr.Accordion("Details (JSON)", open=False):
                                 details = gr.JSON(label="details", elem_id="details")

@@ -92,9 +92,9 @@ def test_classify_equals_lesionlab_predict(client, models_dir, tmp_path):  # noq
     assert f"{side} the referral threshold (0.300)" in threshold
     assert ("found 90 % of malignant lesions" if side == "Above" else "cleared 62 % of benign lesions") in threshold
     assert details["above_threshold"] == (side == "Above")
-    # Heat-map over the 64 px crop the model saw; the readout uses the ABCD code of the captioning stage.
+    # Heat-map over the 64 px crop the model saw (enlarged to 320 px); the readout uses the captioning stage's code.
     with Image.open(heatmap) as image:
-        assert image.size == (64, 64) and image.mode == "RGB"
+        assert image.size == (320, 320) and image.mode == "RGB"
     from pipelines.abcd import abcd_descriptors
 
     abcd = abcd_descriptors(Image.open(SAMPLE).convert("RGB"))
@@ -293,7 +293,7 @@ def test_explainer_heatmaps_and_predictor_untouched(models_dir, tmp_path):  # no
         assert explanation.method == method
         heat = explanation.heatmap
         assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1.0) and heat.std() > 0.01
-        assert explanation.overlay().size == (64, 64)
+        assert explanation.overlay().size == (320, 320) and explanation.overlay(min_side=0).size == (64, 64)
         # The served network gets no hooks and gives the same answer afterwards.
         assert all(not m._forward_hooks and not m._backward_hooks for m in bundle.model.modules())
         np.testing.assert_array_equal(predictor.predict([image]), before)

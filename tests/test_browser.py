@@ -1,0 +1,75 @@
+"""A real browser (Debian's Chromium via Playwright) uploads a sample image and sees the label and the heat-map."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                  "--no-first-run", "--no-default-browser-check", "--disable-extensions"]
+SAMPLE = SAMPLE_IMAGES / "ISIC_0024307.jpg"
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def app_url(models_dir, tmp_path_factory):  # noqa: F811
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-browser"), upload_grace_s=0.5)
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}; install it with `apt-get install -y chromium` "
+                    "(make test does this)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
+            expect(page.locator("#intended-use")).to_contain_text("Not a diagnostic device", timeout=30_000)
+            expect(page.locator("#card")).to_contain_text("Architecture", timeout=10_000)
+
+            page.locator("#upload input[type=file]").set_input_files(str(SAMPLE))
+
+            # The label shows the predicted class by its full name, e.g. "melanocytic nevus (nv)".
+            label = page.locator("#label")
+            expect(label).to_contain_text("(", timeout=30_000)
+            expect(label).to_contain_text("%", timeout=30_000)
+            heatmap = page.locator("#heatmap img")
+            expect(heatmap).to_be_visible(timeout=30_000)
+            page.wait_for_function(
+                "() => { const i = document.querySelector('#heatmap img');"
+                " return i && i.complete && i.naturalWidth > 0; }",
+                timeout=30_000,
+            )
+            assert heatmap.evaluate("i => i.naturalWidth") == 320  # the model's 64 px input crop, enlarged
+            expect(page.locator("#threshold")).to_contain_text("referral threshold", timeout=10_000)
+            expect(page.locator("#abcd")).to_contain_text("A: asymmetry", timeout=10_000)
+
+            shot = tmp_path / "single_image.png"
+            page.screenshot(path=str(shot), full_page=True)
+            assert shot.stat().st_size > 10_000
+
+            # A bad file gets its message in the page and the outputs are cleared.
+            bad = tmp_path / "notes.jpg"
+            bad.write_bytes(b"this is not an image")
+            page.locator("#upload button[aria-label=Clear]").click()
+            expect(page.locator("#heatmap img")).to_have_count(0, timeout=10_000)  # clearing the file clears results
+            page.locator("#upload input[type=file]").set_input_files(str(bad))
+            expect(page.get_by_text("is not a readable image").first).to_be_visible(timeout=30_000)
+            page.screenshot(path=str(tmp_path / "bad_file.png"), full_page=True)
+        finally:
+            browser.close()
