@@ -46,17 +46,21 @@ RUN python3 -m venv /opt/venv \
     && find /opt/venv/lib/python3.11/site-packages -type d -name tests -prune -exec rm -rf {} + \
     && rm -rf /opt/venv/lib/python3.11/site-packages/torch/test /opt/venv/lib/python3.11/site-packages/torch/include
 
-# The source and the default bundle. They go on the venv's path with a .pth file (what `pip install -e` does), so
-# no build backend is needed in the image; `lesionlab` is docker/launcher.py (`pipelines.cli:main`).
+# The source goes on the venv's path with a .pth file (what `pip install -e` does), so no build backend is needed in
+# the image; `lesionlab` is docker/launcher.py (`pipelines.cli:main`). /opt/venv is final before the source is copied,
+# so a source change leaves the venv layers cached.
+COPY docker/launcher.py /opt/venv/bin/lesionlab
+RUN echo /app > /opt/venv/lib/python3.11/site-packages/lesionlab.pth \
+    && chmod 0755 /opt/venv/bin/lesionlab
+
+# The source and the default bundle (models/default_bundle).
 WORKDIR /app
 COPY pipelines /app/pipelines
 COPY models /app/models
 COPY app /app/app
 COPY configs /app/configs
 COPY docker/entrypoint.sh docker/healthcheck.py /app/docker/
-COPY docker/launcher.py /opt/venv/bin/lesionlab
-RUN echo /app > /opt/venv/lib/python3.11/site-packages/lesionlab.pth \
-    && chmod 0755 /opt/venv/bin/lesionlab /app/docker/entrypoint.sh \
+RUN chmod 0755 /app/docker/entrypoint.sh \
     && /opt/venv/bin/python -m compileall -q /app \
     && /opt/venv/bin/lesionlab --help > /dev/null
 

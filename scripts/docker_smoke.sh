@@ -15,6 +15,7 @@
 # lesionlab-base:bookworm-py311), LESIONLAB_WHEELHOUSE (default /var/cache/lesionlab/wheelhouse), PYTHON (the host
 # Python with lesionlab installed, default .venv/bin/python), LESIONLAB_SMOKE_KEEP=1 keeps the container and files.
 set -euo pipefail
+{ # the whole script is one block, read before it runs, so editing the file during a run cannot derail it
 
 SKIP=77
 root="$(cd "$(dirname "$0")/.." && pwd)"
@@ -65,6 +66,7 @@ cleanup() {
     exit "$rc"
 }
 trap cleanup EXIT
+trap 'log "FAILED: line $LINENO: $BASH_COMMAND"' ERR
 
 # --------------------------------------------------------------------------------------------- 1. engine
 ensure_engine() {
@@ -113,7 +115,13 @@ else
     log "wheelhouse $WHEELHOUSE is up to date with requirements.lock"
 fi
 free_port() { "$PYTHON" -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
-wheel_port="$(free_port)"
+# A fixed port keeps the build arguments, and so Docker's layer cache, the same from one run to the next.
+wheel_port="${LESIONLAB_WHEELHOUSE_PORT:-38765}"
+if ! "$PYTHON" -c "import socket, sys; s = socket.socket(); s.bind(('127.0.0.1', int(sys.argv[1])))" "$wheel_port" \
+        2>/dev/null; then
+    wheel_port="$(free_port)"
+    log "port ${LESIONLAB_WHEELHOUSE_PORT:-38765} is busy; serving wheels on $wheel_port (the pip layer is rebuilt)"
+fi
 "$PYTHON" -m http.server "$wheel_port" --bind 127.0.0.1 --directory "$WHEELHOUSE" >"$work/wheelhouse-http.log" 2>&1 &
 http_pid=$!
 
@@ -139,7 +147,9 @@ log "image runs as uid $run_uid (USER $config_user)"
 
 # --------------------------------------------------------------------------------------------- 6. predict
 mkdir -p "$work/in" "$work/out" "$work/models"
-find data/ham10000_sample/images -maxdepth 1 -name '*.jpg' | sort | head -n "$N_IMAGES" | xargs -I{} cp {} "$work/in/"
+mapfile -t samples < <(find data/ham10000_sample/images -maxdepth 1 -name '*.jpg' | sort)
+[ "${#samples[@]}" -ge "$N_IMAGES" ] || fail "expected at least $N_IMAGES sample images in data/ham10000_sample/images"
+cp "${samples[@]:0:$N_IMAGES}" "$work/in/"
 chmod -R a+rX "$work/in"
 chmod 0777 "$work/out"   # the container's user (uid $run_uid) writes the CSV here
 
@@ -194,6 +204,8 @@ api_json="$("$PYTHON" docker/smoke_check.py compare-api "http://127.0.0.1:$port/
     --model "$model_name" --tolerance "$TOLERANCE")" \
     || { docker logs "$container" 2>&1 | tail -n 30 >&2; fail "the served API does not match lesionlab predict"; }
 log "API matches the predict CSV: $api_json"
+memory="$(docker stats --no-stream --format '{{.MemUsage}}' "$container" | cut -d/ -f1 | tr -d ' ')"
+log "server memory after the API calls: $memory"
 
 health=""
 for _ in $(seq 1 60); do
@@ -215,9 +227,11 @@ report="$(cat <<EOF
  "seconds": {"total": $total, "engine": ${seconds[engine]:-0}, "base_image": ${seconds[base_image]:-0},
              "wheelhouse": ${seconds[wheelhouse]:-0}, "build": ${seconds[build]}, "predict_run": ${seconds[predict]},
              "serve_ready": ${seconds[serve_ready]}, "stop": ${seconds[stop]}},
- "api": $api_json, "host_vs_container_max_abs_diff": $diff_host, "stop_exit_code": $exit_code}
+ "api": $api_json, "server_memory": "$memory", "host_vs_container_max_abs_diff": $diff_host, "stop_exit_code": $exit_code}
 EOF
 )"
 echo "$report"
 [ -n "${LESIONLAB_SMOKE_REPORT:-}" ] && echo "$report" > "$LESIONLAB_SMOKE_REPORT"
 log "PASSED in ${total} s"
+exit 0
+}
