@@ -38,6 +38,8 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
         try:
             page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            requested: list[str] = []
+            page.on("request", lambda request: requested.append(request.url))
             page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
             expect(page.locator("#intended-use")).to_contain_text("Not a diagnostic device", timeout=30_000)
             expect(page.locator("#card")).to_contain_text("Architecture", timeout=10_000)
@@ -71,5 +73,8 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
             page.locator("#upload input[type=file]").set_input_files(str(bad))
             expect(page.get_by_text("is not a readable image").first).to_be_visible(timeout=30_000)
             page.screenshot(path=str(tmp_path / "bad_file.png"), full_page=True)
+            # Offline and private: the page fetched nothing from any other host (no fonts, CDN or analytics).
+            external = [u for u in requested if not u.startswith((app_url, "data:", "blob:"))]
+            assert requested and not external, external[:5]
         finally:
             browser.close()
