@@ -1,0 +1,247 @@
+"""Beta-Rank vs L1 vs HRank vs random filter pruning on HAM10000 at several FLOPs reductions (EfficientNet-B0, CNN).
+
+    .venv/bin/python benchmarks/prune_benchmark.py ../shared/data/ham10000 --out runs/prune_bench --size 64
+
+Trains each baseline once (cached), then for every (net, FLOPs reduction, method) prunes a copy, fine-tunes it with
+the project's trainer and class-weighted cross-entropy for the same budget, and appends one JSON line to
+`results.jsonl` (re-running skips finished lines). `--plot` writes the table and the accuracy-vs-FLOPs plot.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from models import build_model  # noqa: E402
+from models.registry import default_normalization  # noqa: E402
+from pipelines import pruning  # noqa: E402
+
+log = logging.getLogger("prune_benchmark")
+MALIGNANT = ["mel", "bcc", "akiec"]
+
+
+class ArrayDataset(Dataset):
+    """Pre-decoded uint8 images (N, H, W, 3) -> normalised tensors; random flips when `augment`."""
+
+    def __init__(self, images: np.ndarray, labels: np.ndarray, mean: list[float], std: list[float], augment: bool):
+        self.images, self.labels, self.augment = images, labels, augment
+        self.mean = torch.tensor(mean).view(3, 1, 1)
+        self.std = torch.tensor(std).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        x = torch.from_numpy(self.images[i]).permute(2, 0, 1).float() / 255.0
+        if self.augment:
+            if torch.rand(()) < 0.5:
+                x = x.flip(2)
+            if torch.rand(()) < 0.5:
+                x = x.flip(1)
+        return (x - self.mean) / self.std, int(self.labels[i])
+
+
+def load_data(root: Path, size: int, cache: Path) -> tuple[dict, list[str]]:
+    """Grouped split of HAM10000 and its images decoded once at `size` px (cached as .npz)."""
+    from pipelines.manifest import grouped_split, ingest_ham10000
+    from pipelines.transforms import eval_transform
+
+    manifest = grouped_split(ingest_ham10000(root), 0.15, 0.15, seed=0)
+    class_names = sorted(manifest.label.unique())
+    if cache.is_file():
+        arrays = np.load(cache)
+        images = arrays["images"]
+    else:
+        from pipelines.images import load_image
+
+        geometry = eval_transform(size, [0, 0, 0], [1, 1, 1])
+        images = np.stack([np.asarray(geometry.resize_crop(load_image(p))) for p in
+                           pruning.tqdm(manifest.path, desc="decoding")])
+        np.savez(cache, images=images)
+    labels = np.array([class_names.index(c) for c in manifest.label])
+    splits = {s: (images[(manifest.split == s).to_numpy()], labels[(manifest.split == s).to_numpy()])
+              for s in ("train", "val", "test")}
+    return splits, class_names
+
+
+def make_loaders(splits: dict, mean, std, batch_size: int, eval_limit: int | None = None):
+    train = DataLoader(ArrayDataset(*splits["train"], mean, std, True), batch_size=batch_size, shuffle=True)
+    val_x, val_y = splits["val"]
+    if eval_limit:
+        val_x, val_y = val_x[:eval_limit], val_y[:eval_limit]
+    val = DataLoader(ArrayDataset(val_x, val_y, mean, std, False), batch_size=128)
+    test = DataLoader(ArrayDataset(*splits["test"], mean, std, False), batch_size=128)
+    return train, val, test
+
+
+def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float):
+    from pipelines.balancing import build_loss
+    from pipelines.config import TrainSettings
+    from pipelines.training import fit
+
+    settings = TrainSettings(epochs=epochs, batch_size=args.batch_size, lr=lr, warmup_epochs=0.3 if epochs > 1 else 0,
+                             patience=epochs, max_steps_per_epoch=max_steps, device="cpu", seed=args.seed,
+                             class_weighting="inverse", resume=False)
+    loss = build_loss("ce", counts, weighting="inverse")
+    return fit(model, loaders[0], loaders[1], loss, settings, run_dir).model
+
+
+def evaluate(model, loader, class_names, minority) -> dict:
+    probs, y = pruning.predict_probs(model, loader)
+    return pruning.accuracy_report(y, probs, class_names, MALIGNANT, minority)
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(args.seed)
+    splits, class_names = load_data(Path(args.data), args.size, out / f"images_{args.size}.npz")
+    counts = np.bincount(splits["train"][1], minlength=len(class_names)).tolist()
+    minority = pruning.minority_classes_of(counts, class_names)
+    log.info("train %s, classes %s, minority %s", counts, class_names, minority)
+    results_path = out / "results.jsonl"
+    done = set()
+    if results_path.is_file():
+        done = {(r["net"], r["target"], r["method"]) for r in map(json.loads, results_path.read_text().splitlines())}
+    calib_x, calib_y = splits["train"]
+    nets = {}
+    for net in args.nets:  # phase 1: every baseline (trained once, cached)
+        norm = default_normalization(net)
+        loaders = make_loaders(splits, norm["mean"], norm["std"], args.batch_size, args.eval_limit)
+        base_path = out / f"{net}_base.safetensors"
+        model = build_model(net, num_classes=len(class_names), img_size=args.size)
+        if base_path.is_file():
+            from safetensors.torch import load_file
+
+            model.load_state_dict(load_file(base_path))
+        else:
+            started = time.perf_counter()
+            model = train(model, loaders, counts, args, out / f"{net}_base", args.base_epochs, args.base_steps,
+                          args.lr)
+            from safetensors.torch import save_file
+
+            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base_path))
+            log.info("%s baseline trained in %.0f s", net, time.perf_counter() - started)
+        if (net, 0.0, "none") not in done:
+            record = {"net": net, "target": 0.0, "method": "none", **pruning.measure_model(model, args.size),
+                      "speed_224": pruning.measure_speed(model, 224, runs=args.speed_runs_224),
+                      "test": evaluate(model, loaders[2], class_names, minority)}
+            with results_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            done.add((net, 0.0, "none"))
+        # class-balanced calibration set from the training split
+        rng = np.random.default_rng(args.seed)
+        picks = np.concatenate([rng.permutation(np.flatnonzero(calib_y == c))[: args.calib_per_class]
+                                for c in range(len(class_names))])
+        calib_ds = ArrayDataset(calib_x[picks], calib_y[picks], norm["mean"], norm["std"], False)
+        nets[net] = (model, loaders, [x for x, _ in DataLoader(calib_ds, batch_size=32)])
+    for target in args.targets:  # phase 2: the grid, most informative target first
+        for net, (model, loaders, calibration) in nets.items():
+            for method in args.methods:
+                if (net, target, method) in done:
+                    continue
+                started = time.perf_counter()
+                pruned = copy.deepcopy(model)
+                run_dir = out / f"{net}_{method}_{int(target * 100)}"
+
+                def fine_tune(m, stage, run_dir=run_dir, loaders=loaders):
+                    return train(m, loaders, counts, args, run_dir / f"stage{stage}", args.ft_epochs, args.ft_steps,
+                                 args.ft_lr)
+
+                result = pruning.prune_to_flops(pruned, method, target, args.size, calibration=calibration,
+                                                steps=args.steps, fine_tune=fine_tune, seed=args.seed)
+                record = {"net": net, "target": target, "method": method,
+                          "flops_reduction": result.flops_reduction, "stages": result.stages,
+                          **pruning.measure_model(result.model, args.size),
+                          "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
+                          "test": evaluate(result.model, loaders[2], class_names, minority),
+                          "seconds": time.perf_counter() - started}
+                with results_path.open("a") as handle:
+                    handle.write(json.dumps(record) + "\n")
+                log.info("%s %s %.0f%%: FLOPs -%.1f%%, bal acc %.3f, mal AUC %.3f (%.0f s)", net, method,
+                         100 * target, 100 * result.flops_reduction, record["test"]["balanced_accuracy"],
+                         record["test"]["malignant_auc"], record["seconds"])
+
+
+def plot(results_path: Path, png: Path) -> str:
+    """Write the accuracy-vs-FLOPs plot; return the markdown table."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    nets = sorted({r["net"] for r in rows})
+    fig, axes = plt.subplots(2, len(nets), figsize=(5 * len(nets), 7), squeeze=False)
+    lines = ["| net | method | target | FLOPs removed | params | MFLOPs | file KB | p50 ms (64/224 px) "
+             "| img/s 224 | bal. acc | mal. AUC | minority recall |", "|" + "---|" * 12]
+    for col, net in enumerate(nets):
+        base = next(r for r in rows if r["net"] == net and r["method"] == "none")
+        for r in sorted((r for r in rows if r["net"] == net), key=lambda r: (r["method"] != "none", r["method"],
+                                                                              r["target"])):
+            removed = 1 - r["flops"] / base["flops"]
+            t = r["test"]
+            lines.append(f"| {net} | {r['method']} | {r['target']:.0%} | {removed:.1%} | {r['params'] / 1e6:.2f} M | "
+                         f"{r['flops'] / 1e6:.1f} | {r['file_bytes'] / 1024:.0f} | {r['latency_ms_p50']:.1f} / "
+                         f"{r['speed_224']['latency_ms_p50']:.1f} | {r['speed_224']['throughput_images_per_s']:.0f} | "
+                         f"{t['balanced_accuracy']:.3f} | {t['malignant_auc']:.3f} | {t['minority_recall']:.3f} |")
+        for row, key in enumerate(("balanced_accuracy", "malignant_auc")):
+            ax = axes[row][col]
+            for method in sorted({r["method"] for r in rows if r["method"] != "none"}):
+                pts = sorted((1 - r["flops"] / base["flops"], r["test"][key]) for r in rows
+                             if r["net"] == net and r["method"] == method)
+                ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
+            ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="unpruned")
+            ax.set_xlabel("FLOPs removed (%)")
+            ax.set_ylabel(key.replace("_", " "))
+            ax.set_title(net)
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("data", help="HAM10000 root (metadata.csv + images/), e.g. ../shared/data/ham10000")
+    parser.add_argument("--out", default="runs/prune_bench")
+    parser.add_argument("--size", type=int, default=64)
+    parser.add_argument("--nets", nargs="+", default=["small-cnn", "efficientnet-b0"])
+    parser.add_argument("--methods", nargs="+", default=list(pruning.METHODS))
+    parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3, 0.7])
+    parser.add_argument("--steps", type=int, default=1, help="prune -> fine-tune stages")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--base-epochs", type=int, default=6)
+    parser.add_argument("--base-steps", type=int, default=None)
+    parser.add_argument("--ft-epochs", type=int, default=1)
+    parser.add_argument("--ft-steps", type=int, default=40)
+    parser.add_argument("--eval-limit", type=int, default=None, help="validation images used by the trainer")
+    parser.add_argument("--calib-per-class", type=int, default=16)
+    parser.add_argument("--speed-runs", type=int, default=50)
+    parser.add_argument("--speed-runs-224", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.plot:
+        out = Path(args.out)
+        print(plot(out / "results.jsonl", out / "prune_benchmark.png"))
+        return
+    run(args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,228 @@
+"""Beta-Rank scores, structural pruning of EfficientNet / the plain CNN, channel plans and pruned bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from models import build_model, load_bundle, save_bundle
+from models.pruned import apply_channel_plan, extract_channel_plan
+from pipelines import pruning
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data" / "ham10000_sample"
+
+
+def reference_beta_rank(conv: nn.Conv2d, images: np.ndarray, inverse: bool = False) -> np.ndarray:
+    """Beta-Rank by explicit loops over filters and output positions (independent of the vectorised code)."""
+    w = conv.weight.detach().double().numpy()
+    with torch.no_grad():
+        out = conv(torch.from_numpy(images).float()).double().numpy()
+    (ph, pw), (sh, sw), (kh, kw) = conv.padding, conv.stride, conv.kernel_size
+    x = np.pad(images, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
+    per_group = conv.in_channels // conv.groups
+    filters_per_group = conv.out_channels // conv.groups
+    scores = []
+    for k in range(conv.out_channels):
+        g = k // filters_per_group
+        ratios = []
+        for i in range(out.shape[2]):
+            for j in range(out.shape[3]):
+                sigma_out = out[:, k, i, j].std()
+                patch = x[:, g * per_group:(g + 1) * per_group, i * sh:i * sh + kh, j * sw:j * sw + kw]
+                sigma_in = patch.std()
+                num, den = (sigma_out, sigma_in) if inverse else (sigma_in, sigma_out)
+                if den > 0:
+                    ratios.append(num / den)
+        beta = np.mean(ratios) if ratios else 0.0
+        scores.append(np.abs(w[k]).sum() * beta)
+    scores = np.array(scores)
+    return scores / scores.max()
+
+
+def hand_set_conv(**kwargs) -> nn.Conv2d:
+    conv = nn.Conv2d(bias=False, **kwargs)
+    n = conv.weight.numel()
+    with torch.no_grad():
+        conv.weight.copy_(torch.linspace(-1.0, 1.5, n).reshape(conv.weight.shape) ** 3)
+    return conv
+
+
+def hand_set_images(n: int, c: int, h: int, w: int) -> np.ndarray:
+    grid = np.arange(n * c * h * w, dtype=np.float64).reshape(n, c, h, w)
+    return np.sin(grid * 0.7) + 0.1 * (grid % 5)
+
+
+@pytest.mark.parametrize(
+    "conv_kwargs",
+    [
+        dict(in_channels=2, out_channels=3, kernel_size=2),
+        dict(in_channels=2, out_channels=4, kernel_size=3, stride=2, padding=1),
+        dict(in_channels=4, out_channels=4, kernel_size=3, padding=1, groups=4),  # depthwise
+        dict(in_channels=4, out_channels=6, kernel_size=(3, 2), stride=(1, 2), padding=(1, 0), groups=2),
+    ],
+)
+@pytest.mark.parametrize("inverse", [False, True])
+def test_beta_rank_equals_hand_computation(conv_kwargs, inverse):
+    conv = hand_set_conv(**conv_kwargs)
+    model = nn.Sequential(conv)
+    images = hand_set_images(5, conv.in_channels, 5, 6)
+    expected = reference_beta_rank(conv, images, inverse)
+    # two batches (3 + 2 images): statistics must cover both, not only the last
+    batches = [torch.from_numpy(images[:3]).float(), torch.from_numpy(images[3:]).float()]
+    got = pruning.normalize_per_layer(pruning.beta_rank_scores(model, batches, inverse=inverse))["0"]
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
+def test_beta_rank_uses_every_calibration_batch():
+    conv = hand_set_conv(in_channels=2, out_channels=3, kernel_size=2)
+    images = torch.from_numpy(hand_set_images(6, 2, 4, 4)).float()
+    whole = pruning.beta_rank_scores(nn.Sequential(conv), [images])["0"]
+    split = pruning.beta_rank_scores(nn.Sequential(conv), [images[:2], images[2:4], images[4:]])["0"]
+    last_only = pruning.beta_rank_scores(nn.Sequential(conv), [images[4:]])["0"]
+    torch.testing.assert_close(split, whole, rtol=1e-5, atol=1e-7)
+    assert not torch.allclose(last_only, whole, rtol=1e-3)
+
+
+def test_both_beta_variants_rank_a_dead_filter_last():
+    conv = hand_set_conv(in_channels=2, out_channels=3, kernel_size=2)
+    with torch.no_grad():
+        conv.weight[1].zero_()  # constant (zero) response: no spread, no information
+    images = [torch.from_numpy(hand_set_images(4, 2, 4, 4)).float()]
+    for inverse in (False, True):
+        scores = pruning.beta_rank_scores(nn.Sequential(conv), images, inverse=inverse)["0"]
+        assert scores[1] == 0 and scores.argmin() == 1
+
+
+def test_importance_needs_calibration_images():
+    with pytest.raises(ValueError, match="needs calibration images"):
+        pruning.FilterImportance("beta-rank").calibrate(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="unknown pruning method"):
+        pruning.FilterImportance("taylor")
+
+
+def _min_channels(model, fraction=0.9):
+    import math
+
+    return {n: max(1, math.ceil((1 - fraction) * c.out_channels)) for n, c in pruning.conv_layers(model).items()}
+
+
+@pytest.fixture(scope="module")
+def pruned_b0():
+    torch.manual_seed(0)
+    model = build_model("efficientnet-b0", num_classes=7, img_size=32).eval()
+    original = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
+    importance = pruning.FilterImportance("beta-rank").calibrate(model, [torch.randn(4, 3, 32, 32)])
+    pruning.prune_once(model, importance, 0.5, 32, _min_channels(model))
+    return model, original
+
+
+def test_pruned_efficientnet_has_requested_channel_counts(pruned_b0):
+    model, original = pruned_b0
+    convs = pruning.conv_layers(model)
+    for name, conv in convs.items():
+        assert conv.out_channels == max(1, int(original[name] * 0.5)), name
+        if conv.groups > 1:  # depthwise: input and output channels stay coupled
+            assert conv.groups == conv.in_channels == conv.out_channels
+    assert model.head.out_features == 7
+    assert model.head.in_features == convs["backbone.net._conv_head"].out_channels == model.embed_dim == 640
+
+
+def test_pruned_efficientnet_runs_and_round_trips_through_a_bundle(pruned_b0, tmp_path):
+    model, _ = pruned_b0
+    card = {"architecture": {"name": "efficientnet-b0", "kwargs": {}, "channel_plan": extract_channel_plan(model)},
+            "class_names": list("abcdefg"), "input_size": 32, "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}}
+    save_bundle(tmp_path / "bundle", model, card)
+    json.loads((tmp_path / "bundle" / "card.json").read_text())  # the plan is plain JSON
+    loaded = load_bundle(tmp_path / "bundle").model
+    assert loaded.embed_dim == model.embed_dim
+    with torch.no_grad():
+        for size in (32, 48, 64):
+            x = torch.randn(2, 3, size, size)
+            assert torch.equal(loaded(x), model(x)), size
+
+
+def test_flops_drop_accordingly(pruned_b0):
+    model, _ = pruned_b0
+    before = pruning.count_flops(build_model("efficientnet-b0", num_classes=7, img_size=32), 32)
+    after = pruning.count_flops(model, 32)
+    assert 0.55 < 1 - after / before < 0.85  # halving channels roughly quarters the 1x1-conv cost
+    conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert pruning.count_flops(nn.Sequential(conv), 16) == 2 * 8 * 3 * 9 * 16 * 16
+
+
+@pytest.mark.parametrize("method", ["beta-rank-inverse", "hrank", "random"])
+def test_prune_to_flops_hits_the_target_on_the_plain_cnn(method):
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=3, img_size=32, widths=(8, 16, 32)).eval()
+    base = pruning.count_flops(model, 32)
+    stages = []
+    result = pruning.prune_to_flops(model, method, 0.5, 32, calibration=[torch.randn(8, 3, 32, 32)], steps=2,
+                                    fine_tune=lambda m, s: stages.append(s))
+    assert stages == [1, 2]
+    assert result.flops == pruning.count_flops(model, 32) < base
+    assert 0.5 <= result.flops_reduction < 0.6
+    assert result.stages[0]["flops_reduction"] < result.stages[1]["flops_reduction"]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
+
+
+@pytest.mark.parametrize("global_pruning", [False, True])
+def test_pruning_never_removes_every_filter_of_a_layer(global_pruning):
+    torch.manual_seed(0)
+    model = build_model("efficientnet-lite0", num_classes=2, img_size=32).eval()
+    original = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
+    floor = _min_channels(model)
+    importance = pruning.FilterImportance("random").calibrate(model)
+    pruning.prune_once(model, importance, 0.99, 32, floor, global_pruning)
+    for name, conv in pruning.conv_layers(model).items():
+        assert conv.out_channels >= max(1, floor[name]), name
+        assert conv.out_channels < original[name] or original[name] == floor[name]
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 2)
+
+
+def test_channel_plan_round_trip_on_lite0_and_errors():
+    model = build_model("efficientnet-lite0", num_classes=2, img_size=32).eval()
+    pruning.prune_once(model, pruning.FilterImportance("l1").calibrate(model), 0.3, 32, _min_channels(model))
+    plan = json.loads(json.dumps(extract_channel_plan(model)))
+    fresh = apply_channel_plan(build_model("efficientnet-lite0", num_classes=2, img_size=32), plan)
+    assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+    fresh.load_state_dict(model.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="does not have"):
+        apply_channel_plan(build_model("small-cnn", num_classes=2, img_size=32), plan)
+    bad = json.loads(json.dumps(plan))
+    bad["modules"]["head"]["out_features"] = 5
+    with pytest.raises(ValueError, match="classes are fixed"):
+        apply_channel_plan(build_model("efficientnet-lite0", num_classes=2, img_size=32), bad)
+
+
+def test_prune_cli_on_the_sample(tmp_path, capsys):
+    from pipelines.cli import main
+    from pipelines.manifest import grouped_split, ingest_ham10000, write_manifest
+
+    manifest = grouped_split(ingest_ham10000(SAMPLE), 0.15, 0.15, seed=0)
+    write_manifest(manifest, tmp_path / "manifest.csv")
+    classes = sorted(manifest.label.unique())
+    model = build_model("small-cnn", num_classes=len(classes), img_size=32, widths=(8, 16))
+    card = {"architecture": {"name": "small-cnn", "kwargs": {"widths": [8, 16]}}, "class_names": classes,
+            "malignant_classes": ["mel", "bcc", "akiec"], "input_size": 32,
+            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3}, "training": {"class_weighting": "inverse"}}
+    save_bundle(tmp_path / "bundle", model, card)
+    main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+          "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
+          "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3"])
+    assert "fewer" in capsys.readouterr().out
+    report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
+    assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
+    assert report["calibration_counts"] == {c: 3 for c in classes}
+    assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
+    pruned = load_bundle(tmp_path / "pruned")
+    assert pruned.card["architecture"]["channel_plan"]["modules"]["head"]["in_features"] < 16
+    assert pruning.count_flops(pruned.model, 32) == report["after"]["flops"]
+    code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+                 "--out", str(tmp_path / "x"), "--flops-reduction", "1.5"])
+    assert code == 2 and "flops_reduction" in capsys.readouterr().err
