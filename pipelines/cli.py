@@ -13,7 +13,7 @@ import pipelines  # noqa: F401 - sets the offline/private environment defaults
 log = logging.getLogger("lesionlab")
 
 # Modules that register more sub-commands through `add_cli(subparsers)`.
-COMMAND_MODULES: list[str] = ["pipelines.captions", "pipelines.synthesis"]
+COMMAND_MODULES: list[str] = ["pipelines.captions", "pipelines.synthesis", "pipelines.balancing", "pipelines.pruning"]
 
 
 class CliError(Exception):
@@ -172,8 +172,11 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lesionlab` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for noisy in ("accelerate", "httpx", "PIL"):  # per-checkpoint and per-request chatter
+        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
     from pipelines.config import ConfigError
     from pipelines.images import ImageError
     from pipelines.manifest import ManifestError
