@@ -79,7 +79,7 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
     HOME=/home/lesionlab \
-    MPLCONFIGDIR=/tmp/matplotlib \
+    MPLCONFIGDIR=/home/lesionlab/.config/matplotlib \
     GRADIO_ANALYTICS_ENABLED=False \
     HF_HUB_OFFLINE=1 \
     HF_HUB_DISABLE_TELEMETRY=1 \
@@ -100,6 +100,8 @@ COPY --from=builder /app /app
 
 # numeric, so that `runAsNonRoot` checks and the host can resolve it
 USER 10001:10001
+# Build matplotlib's font cache now rather than on every container start.
+RUN python3 -c "import matplotlib.font_manager"
 WORKDIR /runs
 # Extra model bundles (`--models /models` or LESIONLAB_MODELS=/models) and everything runs write.
 VOLUME ["/models", "/runs"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import sys
 import time
 import urllib.error
@@ -106,6 +107,12 @@ def wait_http(url: str, timeout_s: float) -> float:
     raise AssertionError(f"{url} did not answer within {timeout_s:.0f} s (last: {last})")
 
 
+def class_code(display: str) -> str:
+    """The class code in an app label: 'dermatofibroma (df)' -> 'df'; a bare code stays as it is."""
+    match = re.search(r"\(([^()]+)\)\s*$", display)
+    return match.group(1) if match else display
+
+
 def compare_api(url: str, csv_path: Path, images: Path, model: str, tolerance: float) -> dict[str, float]:
     """Call the served API (single and batch) on every image and compare with the `lesionlab predict` CSV."""
     from gradio_client import Client, handle_file
@@ -119,9 +126,9 @@ def compare_api(url: str, csv_path: Path, images: Path, model: str, tolerance: f
     for path in paths:
         outputs = client.predict(handle_file(str(path)), model, api_name="/classify")
         label = outputs[0]
-        confidences = {c["label"]: float(c["confidence"]) for c in label["confidences"]}
+        confidences = {class_code(c["label"]): float(c["confidence"]) for c in label["confidences"]}
         row = expected[path.stem]
-        if label["label"] != row["pred_label"]:
+        if class_code(label["label"]) != row["pred_label"]:
             raise AssertionError(f"{path.name}: API says {label['label']}, "
                                  f"`lesionlab predict` says {row['pred_label']}")
         for cls, prob in confidences.items():

@@ -271,6 +271,7 @@ def test_smoke_checks_catch_a_wrong_csv(tmp_path):
     shifted = tmp_path / "shifted.csv"
     shifted.write_text("image_id,pred_label,prob_mel,prob_nv,prob_malignant\na,nv,0.21,0.79,0.21\nb,mel,0.7,0.3,0.7\n")
     assert smoke_check.compare_csvs(good, good, 1e-4) == 0.0
+    assert smoke_check.class_code("dermatofibroma (df)") == "df" and smoke_check.class_code("nv") == "nv"
     with pytest.raises(AssertionError, match="differ by"):
         smoke_check.compare_csvs(good, shifted, 1e-4)
 
@@ -291,3 +292,16 @@ def test_docker_build_and_serve_smoke():
         pytest.skip(result.stderr.strip().splitlines()[-1])
     assert result.returncode == 0, f"docker_smoke.sh failed after {time.monotonic() - start:.0f} s:\n" \
         f"{result.stderr[-6000:]}"
+
+
+def test_smoke_script_skips_with_a_reason_when_no_engine_can_start(tmp_path):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for tool in ("bash", "dirname", "mktemp", "date", "rm", "cat", "id", "sleep", "seq", "tail", "tr"):
+        found = shutil.which(tool)
+        if found:
+            (bin_dir / tool).symlink_to(found)
+    result = subprocess.run([str(bin_dir / "bash"), str(ROOT / "scripts" / "docker_smoke.sh")], capture_output=True,
+                            text=True, env={"PATH": str(bin_dir), "HOME": str(tmp_path)}, timeout=60)
+    assert result.returncode == 77, result.stderr
+    assert "SKIPPED: no docker client on PATH" in result.stderr
