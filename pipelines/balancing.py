@@ -9,7 +9,7 @@ import logging
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -18,6 +18,9 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
+
+if TYPE_CHECKING:
+    from pipelines.config import RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -673,7 +676,9 @@ def contact_sheet(rows: pd.DataFrame, path: Path, per_class: int = 8, size: int 
 # Run stage and CLI
 
 
-def run_balancing_stage(config, run_dir: str | Path, manifest_path: str | Path | None = None) -> dict[str, Any]:
+def run_balancing_stage(
+    config: RunConfig, run_dir: str | Path, manifest_path: str | Path | None = None
+) -> dict[str, Any]:
     """`lesionlab run` stage: balance run_dir/bundle into run_dir/bundle_balanced (or write a pixel-SMOTE manifest)."""
     from pipelines.manifest import read_manifest, write_manifest
 
@@ -695,7 +700,7 @@ def run_balancing_stage(config, run_dir: str | Path, manifest_path: str | Path |
     return {"bundle": report["bundle"], "report": report["report"]}
 
 
-def _cmd_balance(args) -> None:
+def _cmd_balance(args: Any) -> None:
     from pipelines.manifest import read_manifest, write_manifest
 
     fields = {"method": args.method, "space": args.space, "target_ratio": args.ratio, "k_neighbors": args.k_neighbors,
