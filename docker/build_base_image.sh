@@ -28,7 +28,12 @@ if [ ! -s "$CACHE" ] || [ "${LESIONLAB_BASE_REBUILD:-0}" = "1" ]; then
     rootfs="$(mktemp -d /tmp/lesionlab-rootfs.XXXXXX)"
     trap 'rm -rf "$rootfs"' EXIT
     log "debootstrap --variant=minbase $SUITE into $rootfs (a few minutes)"
-    debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >&2
+    if ! debootstrap --variant=minbase --include="$PACKAGES" "$SUITE" "$rootfs" "$MIRROR" >"$rootfs.log" 2>&1; then
+        tail -n 20 "$rootfs.log" >&2
+        log "debootstrap failed (full log: $rootfs.log); check that $MIRROR is reachable"
+        exit 1
+    fi
+    rm -f "$rootfs.log"
     # Slim it: package caches, apt lists, docs, man pages and locales are not needed at run time.
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
            "$rootfs"/usr/share/doc/* "$rootfs"/usr/share/man/* "$rootfs"/usr/share/info/* \
