@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import WeightedRandomSampler
 
@@ -195,16 +195,9 @@ class BalancingConfig(BaseModel):
 
 def load_balancing_config(section: dict[str, Any] | BalancingConfig | None) -> BalancingConfig:
     """Validate a run config's `balancing:` section (None means all defaults)."""
-    if isinstance(section, BalancingConfig):
-        return section
-    try:
-        return BalancingConfig.model_validate(section or {})
-    except ValidationError as err:
-        from pipelines.config import ConfigError
+    from pipelines.config import stage_settings
 
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"])
-        raise ConfigError(f"balancing.{where}: {first['msg']}" if where else f"balancing: {first['msg']}") from err
+    return stage_settings({"balancing": section}, "balancing", BalancingConfig)
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -11,6 +11,7 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.abcd import abcd_descriptors
+from pipelines.config import stage_settings
 
 log = logging.getLogger(__name__)
 
@@ -199,19 +200,13 @@ def caption_manifest(
     return df
 
 
-def _section(config: Any, name: str, model: type[BaseModel]) -> BaseModel:
-    """The stage's own settings from a run config (attribute or dict), a section dict, or the model itself."""
-    if isinstance(config, model):
-        return config
-    value = getattr(config, name, None) if not isinstance(config, dict) else config.get(name, config)
-    return model.model_validate(value or {})
 
 
 def run_caption_stage(config: Any, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
     """Caption the run's manifest (`run_dir/manifest.csv` unless given); returns `run_dir/manifest_captioned.csv`."""
     from pipelines.manifest import read_manifest, write_manifest
 
-    settings = _section(config, "captions", CaptionConfig)
+    settings = stage_settings(config, "captions", CaptionConfig)
     run_dir = Path(run_dir)
     manifest_path = Path(manifest_path) if manifest_path else run_dir / "manifest.csv"
     rewriter = LLMRewriter(settings.llm, settings.llm_max_new_tokens) if settings.llm else None

@@ -122,6 +122,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return raw
 
 
+def stage_settings(config: Any, section: str, model: type[BaseModel]) -> Any:
+    """A stage's own settings: from a RunConfig or dict (its `section`), a section dict, or the model itself.
+
+    Invalid values become a one-line ConfigError naming `section.field`.
+    """
+    if isinstance(config, model):
+        return config
+    if isinstance(config, dict):
+        value = config.get(section, config)
+    else:
+        value = getattr(config, section, config)
+    try:
+        return model.model_validate(value or {})
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"])
+        raise ConfigError(f"{section}.{where}: {first['msg']}" if where else f"{section}: {first['msg']}") from err
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> RunConfig:
     """Read a YAML config (or the defaults when `path` is None), apply overrides, validate."""
     raw: dict[str, Any] = {}

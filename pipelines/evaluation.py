@@ -20,6 +20,18 @@ from sklearn.metrics import (
 
 log = logging.getLogger(__name__)
 
+# The scalar metrics a report lists first and a model card keeps.
+HEADLINE_METRICS = (
+    "n",
+    "accuracy",
+    "balanced_accuracy",
+    "macro_auc",
+    "malignant_auc",
+    "sensitivity_at_80_specificity",
+    "sensitivity_at_90_specificity",
+    "ece",
+)
+
 
 def malignant_probability(
     probs: np.ndarray, class_names: Sequence[str], malignant_classes: Sequence[str]
@@ -220,16 +232,7 @@ def write_report(
     payload = {"metrics": metrics, **(extra or {})}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
     lines = [f"# {title}", ""]
-    for key in (
-        "n",
-        "accuracy",
-        "balanced_accuracy",
-        "macro_auc",
-        "malignant_auc",
-        "sensitivity_at_80_specificity",
-        "sensitivity_at_90_specificity",
-        "ece",
-    ):
+    for key in HEADLINE_METRICS:
         if key in metrics:
             value = metrics[key]
             lines.append(

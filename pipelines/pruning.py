@@ -576,7 +576,9 @@ def _settings_model():
 
 def load_pruning_config(raw: dict[str, Any] | None):
     """Validate a `pruning:` config section (unknown keys and out-of-range values are errors)."""
-    return _settings_model().model_validate(raw or {})
+    from pipelines.config import stage_settings
+
+    return stage_settings({"pruning": raw}, "pruning", _settings_model())
 
 
 def balanced_calibration_rows(train: Any, per_class: int, seed: int = 0) -> Any:

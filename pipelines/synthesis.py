@@ -27,6 +27,7 @@ import pandas as pd
 from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
+from pipelines.config import stage_settings
 from pipelines.manifest import ManifestError, append_train_rows
 
 log = logging.getLogger(__name__)
@@ -857,18 +858,13 @@ def _with_label_columns(manifest: pd.DataFrame, rows: pd.DataFrame) -> pd.DataFr
 # -------------------------------------------------------------------------------------------- stages and the CLI
 
 
-def _section(config: Any, name: str, model: type[BaseModel]) -> Any:
-    if isinstance(config, model):
-        return config
-    value = getattr(config, name, None) if not isinstance(config, dict) else config.get(name, config)
-    return model.model_validate(value or {})
 
 
 def run_finetune_stage(config: Any, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
     """Fine-tune the LoRA into `run_dir/lora`; returns the (unchanged) manifest path for the next stage."""
     from pipelines.manifest import read_manifest
 
-    settings = _section(config, "lora", FinetuneConfig)
+    settings = stage_settings(config, "lora", FinetuneConfig)
     run_dir = Path(run_dir)
     manifest_path = Path(manifest_path) if manifest_path else run_dir / "manifest_captioned.csv"
     finetune_lora(read_manifest(manifest_path), run_dir / "lora", settings)
@@ -879,7 +875,7 @@ def run_synthesis_stage(config: Any, run_dir: str | Path, manifest_path: str | P
     """Generate (or take from a folder) synthetic training rows; returns `run_dir/manifest_synthetic.csv`."""
     from pipelines.manifest import read_manifest, write_manifest
 
-    settings = _section(config, "synthesis", SynthesisConfig)
+    settings = stage_settings(config, "synthesis", SynthesisConfig)
     run_dir = Path(run_dir)
     manifest_path = Path(manifest_path) if manifest_path else run_dir / "manifest_captioned.csv"
     if settings.lora is None and (run_dir / "lora" / LORA_WEIGHTS_NAME).is_file():

@@ -412,17 +412,9 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
 
 def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics a model card shows (no confusion matrix)."""
-    keep = (
-        "n",
-        "accuracy",
-        "balanced_accuracy",
-        "macro_auc",
-        "malignant_auc",
-        "sensitivity_at_80_specificity",
-        "sensitivity_at_90_specificity",
-        "ece",
-        "at_operating_threshold",
-    )
+    from pipelines.evaluation import HEADLINE_METRICS
+
+    keep = (*HEADLINE_METRICS, "at_operating_threshold")
     headline = {k: metrics[k] for k in keep if k in metrics}
     headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
     return headline
