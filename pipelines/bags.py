@@ -1,0 +1,439 @@
+"""Bags for multiple instance learning: tile H&E images or slides into tissue patches, bag manifests, embedding cache.
+
+A *slide* is one large H&E image (JPEG/PNG/TIFF), a pyramidal whole-slide file (SVS/NDPI/pyramidal TIFF, read
+through tiffslide or openslide when installed), or a folder of patches already extracted from one case. Tiling keeps
+the patches whose tissue fraction (saturation mask, Otsu threshold) reaches `min_tissue`; the bag manifest lists
+one row per kept patch: slide_id, path, label, group, split, x, y, level, size, tissue_fraction.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm.auto import tqdm
+
+from pipelines.images import IMAGE_SUFFIXES, ImageLimits, load_image
+
+log = logging.getLogger(__name__)
+
+SLIDE_SUFFIXES = {".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".svslide", ".bif"}
+BAG_COLUMNS = ["slide_id", "path", "label", "group", "split", "x", "y", "level", "size", "tissue_fraction"]
+# H&E images are large; they still must fit in memory when read whole (pyramidal slides are read region by region).
+SLIDE_LIMITS = ImageLimits(max_bytes=512 * 1024 * 1024, max_pixels=400_000_000, min_side=32)
+
+
+class TilingSettings(BaseModel):
+    """How a slide becomes a bag of patches."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    patch_size: int = Field(128, ge=8, description="patch side in pixels at `level`")
+    stride: int | None = Field(None, ge=1, description="step between patches (default: patch_size, no overlap)")
+    level: int = Field(0, ge=0, description="pyramid level of a whole-slide file (0 = full resolution)")
+    min_tissue: float = Field(0.5, ge=0, le=1, description="keep a patch when this fraction of it is tissue")
+    saturation_bounds: tuple[float, float] = Field(
+        (0.04, 0.15), description="the Otsu threshold on HSV saturation is clipped into this range"
+    )
+    max_patches: int | None = Field(None, ge=1, description="keep at most this many patches (the most tissue)")
+
+    @property
+    def step(self) -> int:
+        return self.stride or self.patch_size
+
+
+@dataclass
+class Bag:
+    """One slide's kept patches (N, size, size, 3 uint8) with their top-left coordinates at `level`."""
+
+    slide_id: str
+    patches: np.ndarray
+    coords: np.ndarray  # (N, 2) x, y
+    tissue_fraction: np.ndarray  # (N,)
+    size: int
+    level: int = 0
+    thumbnail: Image.Image | None = None  # the image the coordinates refer to (downsampled for large slides)
+    thumbnail_scale: float = 1.0  # thumbnail pixels per level pixel
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.patches)
+
+
+# Tissue mask
+
+
+def tissue_mask(rgb: np.ndarray, saturation_bounds: tuple[float, float] = (0.04, 0.15)) -> np.ndarray:
+    """Boolean tissue mask of an RGB image: HSV saturation above its Otsu threshold (clipped into the bounds).
+
+    The clip keeps a sensible threshold when the image is almost all tissue (Otsu would split tissue in two)
+    or almost all glass (Otsu would split noise).
+    """
+    from skimage.filters import threshold_otsu
+
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"tissue_mask expects an RGB array (H, W, 3), got shape {rgb.shape}")
+    data = rgb.astype(np.float32) / 255.0
+    high, low = data.max(axis=2), data.min(axis=2)
+    saturation = np.where(high > 0, (high - low) / np.maximum(high, 1e-6), 0.0)
+    try:
+        threshold = float(threshold_otsu(saturation))
+    except ValueError:  # a constant image
+        threshold = saturation_bounds[1]
+    threshold = float(np.clip(threshold, *saturation_bounds))
+    # Very dark pixels (pen marks, folds, scanner borders) are not tissue either.
+    return (saturation > threshold) & (high > 0.1)
+
+
+# Reading slides
+
+
+def is_whole_slide(path: str | Path) -> bool:
+    """True for whole-slide formats (and TIFFs with a pyramid) that are read region by region."""
+    path = Path(path)
+    if path.suffix.lower() in SLIDE_SUFFIXES:
+        return True
+    if path.suffix.lower() in {".tif", ".tiff"}:
+        try:
+            with Image.open(path) as image:
+                return getattr(image, "n_frames", 1) > 1 and image.size[0] * image.size[1] > SLIDE_LIMITS.max_pixels
+        except OSError:
+            return False
+    return False
+
+
+def _open_slide(path: Path):
+    try:
+        import tiffslide
+
+        return tiffslide.TiffSlide(str(path))
+    except ImportError:
+        pass
+    try:
+        import openslide
+
+        return openslide.OpenSlide(str(path))
+    except ImportError as err:
+        raise ImportError(
+            f"'{path.name}' is a whole-slide file; reading it needs tiffslide or openslide "
+            "(pip install tiffslide), neither is installed"
+        ) from err
+
+
+def _tile_array(
+    rgb: np.ndarray, settings: TilingSettings
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(patches, coords, tissue fractions) of the grid over an RGB array, background patches dropped."""
+    size, step = settings.patch_size, settings.step
+    height, width = rgb.shape[:2]
+    if height < size or width < size:
+        raise ValueError(f"image is {width} x {height} px; tiling needs at least {size} x {size} px (one patch)")
+    mask = tissue_mask(rgb, settings.saturation_bounds)
+    # Integral image: the tissue fraction of every grid cell in O(1).
+    integral = np.pad(mask.astype(np.int64).cumsum(0).cumsum(1), ((1, 0), (1, 0)))
+    ys = np.arange(0, height - size + 1, step)
+    xs = np.arange(0, width - size + 1, step)
+    yy, xx = np.meshgrid(ys, xs, indexing="ij")
+    yy, xx = yy.ravel(), xx.ravel()
+    area = integral[yy + size, xx + size] - integral[yy, xx + size] - integral[yy + size, xx] + integral[yy, xx]
+    fraction = area / float(size * size)
+    keep = np.flatnonzero(fraction >= settings.min_tissue)
+    if settings.max_patches is not None and len(keep) > settings.max_patches:
+        keep = keep[np.argsort(-fraction[keep], kind="stable")[: settings.max_patches]]
+        keep.sort()
+    patches = np.stack([rgb[y : y + size, x : x + size] for y, x in zip(yy[keep], xx[keep])]) if len(keep) else (
+        np.zeros((0, size, size, 3), dtype=np.uint8)
+    )
+    coords = np.stack([xx[keep], yy[keep]], axis=1) if len(keep) else np.zeros((0, 2), dtype=np.int64)
+    return patches, coords, fraction[keep]
+
+
+def tile_image(image: Image.Image | np.ndarray, settings: TilingSettings, slide_id: str = "image") -> Bag:
+    """Tile an in-memory H&E image into a bag of tissue patches."""
+    rgb = np.asarray(image.convert("RGB") if isinstance(image, Image.Image) else image, dtype=np.uint8)
+    try:
+        patches, coords, fraction = _tile_array(rgb, settings)
+    except ValueError as err:
+        raise ValueError(f"slide '{slide_id}': {err}") from err
+    if len(patches) == 0:
+        raise ValueError(
+            f"slide '{slide_id}' has no patch with at least {settings.min_tissue:.0%} tissue at "
+            f"{settings.patch_size} px; is it blank, or should tiling.min_tissue be lower?"
+        )
+    thumbnail = image if isinstance(image, Image.Image) else Image.fromarray(rgb)
+    return Bag(slide_id, patches, coords, fraction, settings.patch_size, 0, thumbnail, 1.0)
+
+
+def tile_whole_slide(path: str | Path, settings: TilingSettings, slide_id: str | None = None) -> Bag:
+    """Tile a pyramidal whole-slide file at `settings.level`: the mask comes from a thumbnail, patches from regions."""
+    path = Path(path)
+    slide_id = slide_id or path.stem
+    slide = _open_slide(path)
+    if settings.level >= slide.level_count:
+        raise ValueError(
+            f"slide '{slide_id}' has {slide.level_count} levels; tiling.level {settings.level} is too deep"
+        )
+    width, height = slide.level_dimensions[settings.level]
+    downsample = float(slide.level_downsamples[settings.level])
+    scale = min(1.0, 2048 / max(width, height))  # thumbnail pixels per level pixel
+    thumbnail = slide.get_thumbnail((max(1, int(width * scale)), max(1, int(height * scale)))).convert("RGB")
+    mask = tissue_mask(np.asarray(thumbnail), settings.saturation_bounds)
+    size, step = settings.patch_size, settings.step
+    coords, fractions = [], []
+    for y in range(0, height - size + 1, step):
+        for x in range(0, width - size + 1, step):
+            y0, x0 = int(y * scale), int(x * scale)
+            cell = mask[y0 : max(y0 + 1, int((y + size) * scale)), x0 : max(x0 + 1, int((x + size) * scale))]
+            fraction = float(cell.mean()) if cell.size else 0.0
+            if fraction >= settings.min_tissue:
+                coords.append((x, y))
+                fractions.append(fraction)
+    order = np.argsort(-np.asarray(fractions), kind="stable")
+    if settings.max_patches is not None:
+        order = np.sort(order[: settings.max_patches])
+    coords = [coords[i] for i in order]
+    if not coords:
+        raise ValueError(f"slide '{slide_id}' has no patch with at least {settings.min_tissue:.0%} tissue")
+    patches = []
+    for x, y in tqdm(coords, desc=f"reading {slide_id}", leave=False, disable=len(coords) < 200):
+        # read_region takes level-0 coordinates and a size at the requested level
+        region = slide.read_region((int(x * downsample), int(y * downsample)), settings.level, (size, size))
+        patches.append(np.asarray(region.convert("RGB")))
+    return Bag(
+        slide_id,
+        np.stack(patches),
+        np.asarray(coords, dtype=np.int64),
+        np.asarray([fractions[i] for i in order], dtype=np.float64),
+        size,
+        settings.level,
+        thumbnail,
+        scale,
+    )
+
+
+def bag_from_patch_folder(folder: str | Path, settings: TilingSettings, slide_id: str | None = None) -> Bag:
+    """A bag from a folder of pre-extracted patches (resized to `patch_size`); `x_y` in a file name gives coords."""
+    folder = Path(folder)
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"patch folder '{folder}' holds no image files ({sorted(IMAGE_SUFFIXES)})")
+    return bag_from_patches([load_image(p) for p in files], settings, slide_id or folder.name, [p.stem for p in files])
+
+
+def bag_from_patches(
+    images: Sequence[Image.Image], settings: TilingSettings, slide_id: str, names: Sequence[str] | None = None
+) -> Bag:
+    """A bag from patch images of one case; they are resized to `patch_size` and laid out on a grid."""
+    import re
+
+    size = settings.patch_size
+    patches = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images])
+    coords = []
+    for name in names or [str(i) for i in range(len(images))]:
+        match = re.search(r"(\d+)[_x-](\d+)$", name)
+        coords.append((int(match.group(1)), int(match.group(2))) if match and names else (-1, -1))
+    coords_arr = np.asarray(coords, dtype=np.int64)
+    if (coords_arr < 0).any():  # no coordinates in the names: a square grid, for display only
+        cols = int(np.ceil(np.sqrt(len(patches))))
+        coords_arr = np.asarray([((i % cols) * size, (i // cols) * size) for i in range(len(patches))])
+    fraction = np.asarray([tissue_mask(p, settings.saturation_bounds).mean() for p in patches])
+    return Bag(slide_id, patches, coords_arr, fraction, size, 0, mosaic(patches, coords_arr, size), 1.0)
+
+
+def mosaic(patches: np.ndarray, coords: np.ndarray, size: int) -> Image.Image:
+    """Paste patches at their coordinates on a white canvas (used as the thumbnail of a patch folder)."""
+    width, height = int(coords[:, 0].max()) + size, int(coords[:, 1].max()) + size
+    canvas = np.full((height, width, 3), 255, dtype=np.uint8)
+    for patch, (x, y) in zip(patches, coords):
+        canvas[y : y + size, x : x + size] = patch
+    return Image.fromarray(canvas)
+
+
+def load_bag(source: str | Path | Image.Image, settings: TilingSettings, slide_id: str | None = None) -> Bag:
+    """Tile one slide, whatever it is: a PIL image, an image file, a whole-slide file or a folder of patches."""
+    if isinstance(source, Image.Image):
+        return tile_image(source, settings, slide_id or "image")
+    path = Path(source)
+    if path.is_dir():
+        return bag_from_patch_folder(path, settings, slide_id)
+    if not path.exists():
+        raise FileNotFoundError(f"slide '{path}' does not exist")
+    if is_whole_slide(path):
+        return tile_whole_slide(path, settings, slide_id)
+    if settings.level != 0:
+        raise ValueError(f"'{path.name}' is a flat image with one level; tiling.level must be 0, got {settings.level}")
+    return tile_image(load_image(path, SLIDE_LIMITS), settings, slide_id or path.stem)
+
+
+# Slide tables and bag manifests
+
+
+def ingest_slide_table(
+    root: str | Path,
+    labels: str = "labels.csv",
+    images: str = "images",
+    image_column: str = "image",
+    label_column: str = "label",
+    group_column: str | None = None,
+) -> pd.DataFrame:
+    """Slide rows (image_id, path, label, group, split='', source='real') from a labels CSV and an image folder."""
+    root = Path(root)
+    csv = root / labels
+    if not csv.is_file():
+        raise FileNotFoundError(f"labels CSV '{csv}' does not exist; expected columns {image_column},{label_column}")
+    table = pd.read_csv(csv, dtype=str, keep_default_na=False)
+    needed = [c for c in (image_column, label_column, group_column) if c]
+    missing = [c for c in needed if c not in table.columns]
+    if missing:
+        raise ValueError(f"'{csv}' lacks columns {missing}; it has {list(table.columns)}")
+    paths = [root / images / name for name in table[image_column]]
+    absent = [str(p) for p in paths if not p.exists()]
+    if absent:
+        raise FileNotFoundError(f"{len(absent)} slides listed in '{csv}' do not exist, e.g. '{absent[0]}'")
+    ids = [Path(name).stem for name in table[image_column]]
+    return pd.DataFrame(
+        {
+            "image_id": ids,
+            "path": [str(p.resolve()) for p in paths],
+            "label": table[label_column].to_numpy(),
+            "group": table[group_column].to_numpy() if group_column else ids,
+            "split": "",
+            "source": "real",
+        }
+    )
+
+
+def build_bag_manifest(slides: pd.DataFrame, settings: TilingSettings) -> pd.DataFrame:
+    """Tile every slide of a slide table; one row per kept patch (slide id, coordinates, label, group, split)."""
+    rows = []
+    for slide in tqdm(slides.itertuples(index=False), total=len(slides), desc="tiling", leave=False):
+        bag = load_bag(slide.path, settings, slide.image_id)
+        for (x, y), fraction in zip(bag.coords, bag.tissue_fraction):
+            rows.append(
+                {
+                    "slide_id": slide.image_id,
+                    "path": slide.path,
+                    "label": slide.label,
+                    "group": slide.group,
+                    "split": getattr(slide, "split", ""),
+                    "x": int(x),
+                    "y": int(y),
+                    "level": bag.level,
+                    "size": bag.size,
+                    "tissue_fraction": round(float(fraction), 4),
+                }
+            )
+    return pd.DataFrame(rows, columns=BAG_COLUMNS)
+
+
+def write_bag_manifest(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a bag manifest CSV atomically."""
+    import os
+    import tempfile
+
+    missing = [c for c in BAG_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"bag manifest lacks columns {missing}; expected {BAG_COLUMNS}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w", newline="") as handle:
+        df.to_csv(handle, index=False)
+    os.replace(tmp, path)
+    return path
+
+
+def read_bag_manifest(path: str | Path) -> pd.DataFrame:
+    """Read a bag manifest CSV and check its columns."""
+    df = pd.read_csv(path, dtype={"slide_id": str, "label": str, "group": str, "split": str}, keep_default_na=False)
+    missing = [c for c in BAG_COLUMNS if c not in df.columns]
+    if missing:
+        raise ValueError(f"bag manifest '{path}' lacks columns {missing}; expected {BAG_COLUMNS}")
+    return df
+
+
+# Patch tensors and the embedding cache
+
+
+def patches_to_tensor(
+    patches: np.ndarray, input_size: int, mean: Sequence[float], std: Sequence[float]
+) -> torch.Tensor:
+    """(N, size, size, 3) uint8 patches -> (N, 3, input_size, input_size) normalised float tensor."""
+    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(255.0)
+    if x.shape[-1] != input_size:
+        x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
+    return (x - mean_t) / std_t
+
+
+@torch.no_grad()
+def embed_patches(
+    encoder: torch.nn.Module,
+    patches: np.ndarray,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    batch_size: int = 64,
+) -> torch.Tensor:
+    """Instance features (N, D) of a bag's patches through a (frozen) encoder, in eval mode."""
+    encoder.eval()
+    device = next(encoder.parameters()).device
+    out = []
+    for start in range(0, len(patches), batch_size):
+        x = patches_to_tensor(patches[start : start + batch_size], input_size, mean, std).to(device)
+        out.append(encoder(x).float().cpu())
+    return torch.cat(out)
+
+
+def cache_key(path: str | Path, settings: TilingSettings, encoder_id: str) -> str:
+    """Cache file key: the slide file (path, size, mtime), the tiling settings and the encoder."""
+    path = Path(path)
+    stat = path.stat()
+    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings.model_dump_json()}|{encoder_id}"
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def cached_bag_features(
+    slides: pd.DataFrame,
+    settings: TilingSettings,
+    encoder: torch.nn.Module,
+    encoder_id: str,
+    input_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    cache_dir: str | Path,
+) -> dict[str, dict[str, torch.Tensor]]:
+    """{slide_id: {"features": (N, D), "coords": (N, 2)}}; each slide is tiled and embedded once, then read back."""
+    from safetensors.torch import load_file, save_file
+
+    cache_dir = Path(cache_dir)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    hits = 0
+    for slide in tqdm(slides.itertuples(index=False), total=len(slides), desc="embedding bags", leave=False):
+        file = cache_dir / f"{slide.image_id}-{cache_key(slide.path, settings, encoder_id)}.safetensors"
+        if file.is_file():
+            out[slide.image_id] = load_file(file)
+            hits += 1
+            continue
+        bag = load_bag(slide.path, settings, slide.image_id)
+        entry = {
+            "features": embed_patches(encoder, bag.patches, input_size, mean, std).contiguous(),
+            "coords": torch.from_numpy(bag.coords.astype(np.int64)).contiguous(),
+        }
+        tmp = file.with_name(f".{file.name}.tmp")
+        save_file(entry, str(tmp))
+        tmp.replace(file)
+        out[slide.image_id] = entry
+    log.info("bag features: %d slides, %d from the cache in %s", len(out), hits, cache_dir)
+    return out
