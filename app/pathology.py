@@ -34,7 +34,7 @@ class SlideAnalysis:
 
 
 def attention_heatmap(bag: Bag, attention: np.ndarray, alpha: float = 0.5) -> Image.Image:
-    """The slide image with each patch tinted by its attention (turbo colour map, normalised to the bag's max)."""
+    """The slide image with each patch tinted by its attention (turbo colour map: blue lowest, red highest)."""
     from matplotlib import colormaps
 
     base = (bag.thumbnail or Image.new("RGB", (bag.size, bag.size), "white")).convert("RGB")
@@ -42,7 +42,9 @@ def attention_heatmap(bag: Bag, attention: np.ndarray, alpha: float = 0.5) -> Im
     heat = np.zeros(rgb.shape[:2], dtype=np.float32)
     covered = np.zeros(rgb.shape[:2], dtype=bool)
     scale, side = bag.thumbnail_scale, max(1, int(round(bag.size * bag.thumbnail_scale)))
-    weights = attention / max(float(attention.max()), 1e-12)
+    spread = float(attention.max() - attention.min())
+    # min-max over the case, so that contrast shows even when attention is nearly uniform
+    weights = (attention - attention.min()) / spread if spread > 1e-9 else np.full_like(attention, 0.5)
     for (x, y), w in zip(bag.coords, weights):
         x0, y0 = int(round(x * scale)), int(round(y * scale))
         region = (slice(y0, y0 + side), slice(x0, x0 + side))
@@ -79,7 +81,10 @@ def analyze_slide(bundle, images: Sequence[str | Path | Image.Image], top_k: int
 
 
 def _describe(bundle, analysis: SlideAnalysis) -> str:
-    lines = [f"**{analysis.n_patches} tissue patches** analysed; attention sums to 1 over them."]
+    lines = [
+        f"**{analysis.n_patches} tissue patches** analysed; attention sums to 1 over them "
+        f"(heat-map: blue = lowest, red = highest attention in this case; grey = background, not analysed)."
+    ]
     threshold = bundle.operating_threshold
     if analysis.prob_malignant is not None:
         lines.append(f"P(malignant) = **{analysis.prob_malignant:.3f}**")

@@ -98,15 +98,17 @@ def tissue_mask(rgb: np.ndarray, saturation_bounds: tuple[float, float] = (0.04,
 
 
 def is_whole_slide(path: str | Path) -> bool:
-    """True for whole-slide formats (and TIFFs with a pyramid) that are read region by region."""
+    """True for whole-slide formats and pyramidal TIFFs (more than one resolution level): read region by region."""
     path = Path(path)
     if path.suffix.lower() in SLIDE_SUFFIXES:
         return True
     if path.suffix.lower() in {".tif", ".tiff"}:
         try:
-            with Image.open(path) as image:
-                return getattr(image, "n_frames", 1) > 1 and image.size[0] * image.size[1] > SLIDE_LIMITS.max_pixels
-        except OSError:
+            import tifffile
+
+            with tifffile.TiffFile(path) as tif:
+                return len(tif.series[0].levels) > 1
+        except (ImportError, IndexError, OSError, ValueError):
             return False
     return False
 

@@ -66,10 +66,10 @@ class MILConfig(BaseModel):
 
 
 def load_mil_config(section: dict[str, Any] | MILConfig | None) -> MILConfig:
-    """Validate a run config's `mil:` section."""
-    if isinstance(section, MILConfig):
-        return section
-    return MILConfig.model_validate(section or {})
+    """Validate a run config's `mil:` section (a bad value is a one-line ConfigError naming `mil.field`)."""
+    from pipelines.config import stage_settings
+
+    return stage_settings({"mil": section}, "mil", MILConfig)
 
 
 # Datasets over bags

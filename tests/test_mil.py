@@ -300,3 +300,24 @@ def predict_direct(bundle_dir: Path, slide: Path) -> float:
     from pipelines.mil import predict_slides
 
     return float(predict_slides(load_bundle(bundle_dir), [slide]).prob_malignant.iloc[0])
+
+
+def test_pyramidal_tiff_is_tiled_at_the_requested_level(tmp_path):
+    pytest.importorskip("tiffslide")
+    tifffile = pytest.importorskip("tifffile")
+    from pipelines.bags import is_whole_slide
+
+    rgb = np.tile(np.asarray(Image.open(SLIDES[0]).convert("RGB")), (2, 2, 1))  # 1536 x 1792, two levels
+    path = tmp_path / "slide.tif"
+    with tifffile.TiffWriter(path) as tif:
+        tif.write(rgb, tile=(256, 256), subifds=1, photometric="rgb")
+        tif.write(rgb[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
+    assert is_whole_slide(path) and not is_whole_slide(SLIDES[0])
+    bag = load_bag(path, TilingSettings(patch_size=128, level=1, min_tissue=0.25))
+    flat = tile_image(Image.fromarray(np.ascontiguousarray(rgb[::2, ::2])), TilingSettings(min_tissue=0.25))
+    assert bag.level == 1 and bag.thumbnail_scale <= 1.0
+    assert abs(len(bag) - len(flat)) <= 2  # the mask comes from a thumbnail: borderline patches may differ
+    x, y = bag.coords[0]
+    assert np.array_equal(bag.patches[0], rgb[::2, ::2][y : y + 128, x : x + 128])
+    with pytest.raises(ValueError, match="2 levels; tiling.level 3"):
+        load_bag(path, TilingSettings(level=3))
