@@ -13,7 +13,9 @@ import pipelines  # noqa: F401 - sets the offline/private environment defaults
 log = logging.getLogger("lesionlab")
 
 # Modules that register more sub-commands through `add_cli(subparsers)`.
-COMMAND_MODULES: list[str] = ["pipelines.captions", "pipelines.synthesis", "pipelines.balancing", "pipelines.pruning"]
+COMMAND_MODULES: list[str] = [
+    "pipelines.captions", "pipelines.synthesis", "pipelines.balancing", "pipelines.pruning", "pipelines.mil"
+]
 
 
 class CliError(Exception):
