@@ -196,15 +196,22 @@ def fit(
 
         probs, labels = predict_loader(model, val_loader, accelerator, forward)
         score = float(balanced_accuracy_score(labels, probs.argmax(1)))
+        val_loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
         record = {
             "epoch": epoch + 1,
             "train_loss": running / max(1, n_batches),
             "val_balanced_accuracy": score,
+            "val_loss": val_loss,
             "lr": scheduler.get_last_lr()[0],
         }
         state["history"].append(record)
-        if score > state["best_score"]:
-            state.update(best_score=score, best_epoch=epoch + 1, bad_epochs=0)
+        # Balanced accuracy saturates on small validation sets (SC-MIL reaches 1.0 while its classifier is still
+        # barely trained): a tie goes to the epoch with the lower validation loss.
+        improved = score > state["best_score"] or (
+            score == state["best_score"] and val_loss < state.get("best_val_loss", float("inf"))
+        )
+        if improved:
+            state.update(best_score=score, best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             if main:
                 _save_weights(accelerator.unwrap_model(model), ckpt_dir / "best.safetensors")
         else:

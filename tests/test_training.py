@@ -107,3 +107,23 @@ def test_two_process_accelerate_run_shards_data_and_ends_with_identical_weights(
     w0 = load_file(tmp_path / "weights_0.safetensors")
     w1 = load_file(tmp_path / "weights_1.safetensors")
     assert all(torch.equal(w0[k], w1[k]) for k in w0)
+
+
+def test_a_tie_in_balanced_accuracy_goes_to_the_lower_validation_loss(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.config import TrainSettings
+    from pipelines.training import fit
+
+    torch.manual_seed(0)
+    x = torch.randn(32, 4)
+    y = (x[:, 0] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    settings = TrainSettings(epochs=6, lr=0.05, warmup_epochs=0, device="cpu", resume=False, patience=10)
+    result = fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(), settings, tmp_path)
+    history = result.history
+    best = max(h["val_balanced_accuracy"] for h in history)
+    tied = [h for h in history if h["val_balanced_accuracy"] == best]
+    assert len(tied) > 1  # this separable problem saturates early, so several epochs tie
+    assert result.best_epoch == min(tied, key=lambda h: h["val_loss"])["epoch"]
+    assert result.best_epoch != tied[0]["epoch"]
