@@ -63,6 +63,9 @@ class MILConfig(BaseModel):
     cache_embeddings: bool = Field(True, description="embed patches once with the frozen encoder and train on features")
     cache_dir: str | None = None
     max_train_instances: int | None = Field(64, ge=1, description="instances sampled per bag per step (patch bags)")
+    select_below_beta: float = Field(
+        0.5, ge=0, le=1, description="SC-MIL keeps its best validation epoch only if beta_t was at most this there"
+    )
 
 
 def load_mil_config(section: dict[str, Any] | MILConfig | None) -> MILConfig:
@@ -271,6 +274,10 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
         beta = 0.0 if mil.method == "abmil" else beta_schedule(epoch, total, mil.schedule)
         log.info("epoch %d/%d: beta_t = %.3f (SupCon weight)", epoch + 1, total, beta)
 
+    if mil.method == "scmil" and settings.patience < settings.epochs:
+        # The classifier only learns once beta_t falls: stopping while SupCon dominates would keep an untrained head.
+        log.info("SC-MIL runs its whole beta schedule: early stopping (patience %d) is off", settings.patience)
+        settings = settings.model_copy(update={"patience": settings.epochs})
     generator = torch.Generator().manual_seed(settings.seed)
     train_loader = DataLoader(
         datasets["train"], batch_size=settings.batch_size, shuffle=True, collate_fn=collate_bags, generator=generator
@@ -292,6 +299,15 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
     model = result.model.cpu().eval()
     if not accelerator.is_main_process:
         return {"bundle": str(run_dir / "bundle")}
+    selected_epoch = result.best_epoch
+    if mil.method == "scmil" and loss.beta(max(0, result.best_epoch - 1)) > mil.select_below_beta:
+        # An early "best" epoch has a barely trained classifier (probabilities near 0.5): keep the last epoch.
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(run_dir / "checkpoints" / "last" / "model.safetensors", device="cpu"))
+        selected_epoch = len(result.history)
+        log.info("best validation epoch %d had beta_t > %.2f; the last epoch (%d) is kept",
+                 result.best_epoch, mil.select_below_beta, selected_epoch)
 
     malignant = [c for c in mil.malignant_classes if c in class_names]
     val_probs = predict_dataset_bags(model, datasets["val"])
@@ -324,6 +340,7 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
         "training": {
             "epochs_run": len(result.history),
             "best_epoch": result.best_epoch,
+            "selected_epoch": selected_epoch,
             "best_val_balanced_accuracy": result.best_score,
             "train_counts": dict(zip(class_names, counts)),
             "seed": settings.seed,
