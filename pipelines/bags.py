@@ -241,7 +241,7 @@ def bag_from_patches(
     patches = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BILINEAR)) for im in images])
     coords = []
     for name in names or [str(i) for i in range(len(images))]:
-        match = re.search(r"(\d+)[_x-](\d+)$", name)
+        match = re.search(r"x?(\d+)[_-]y?(\d+)$", name)  # "..._512_1024" or "x512_y1024"
         coords.append((int(match.group(1)), int(match.group(2))) if match and names else (-1, -1))
     coords_arr = np.asarray(coords, dtype=np.int64)
     if (coords_arr < 0).any():  # no coordinates in the names: a square grid, for display only
