@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -396,11 +397,14 @@ def _prediction_row(bundle, prediction: BagPrediction) -> dict[str, Any]:
     return row
 
 
-def predict_slides(bundle, images: Sequence[str | Path | Image.Image] | str | Path) -> pd.DataFrame:
+def predict_slides(
+    bundle, images: Sequence[str | Path | Image.Image] | str | Path, errors: list[str] | None = None
+) -> pd.DataFrame:
     """One row per slide: image_id, pred_label, prob_<class>..., prob_malignant, n_patches.
 
     `images` is a list of slides (image files, whole-slide files, folders of patches, PIL images) or a folder of
-    them (each file is a slide; each sub-folder is one case's patches).
+    them (each file is a slide; each sub-folder is one case's patches). With an `errors` list, an unreadable or
+    blank slide is skipped and its message appended there; without one, it raises.
     """
     if isinstance(bundle, (str, Path)):
         from models.bundle import load_bundle
@@ -411,7 +415,15 @@ def predict_slides(bundle, images: Sequence[str | Path | Image.Image] | str | Pa
     rows = []
     for i, source in enumerate(sources):
         slide_id = Path(source).stem if isinstance(source, (str, Path)) else f"image_{i}"
-        rows.append(_prediction_row(bundle, predict_bag(bundle, load_bag(source, settings, slide_id))))
+        try:
+            bag = load_bag(source, settings, slide_id)
+        except (ValueError, OSError) as err:  # ImageError is a ValueError
+            if errors is None:
+                raise
+            log.warning("skipped slide %s: %s", slide_id, err)
+            errors.append(str(err))
+            continue
+        rows.append(_prediction_row(bundle, predict_bag(bundle, bag)))
     # A class literally named "malignant" already gives the prob_malignant column; dict.fromkeys drops the repeat.
     columns = ["image_id", "pred_label", *[f"prob_{c}" for c in bundle.class_names], "prob_malignant", "n_patches"]
     return pd.DataFrame(rows, columns=list(dict.fromkeys(columns)))
@@ -442,11 +454,14 @@ def predict_slides_cli(args: argparse.Namespace) -> None:
     """`lesionlab predict` for a MIL bundle: one row per slide into args.out."""
     from models.bundle import load_bundle
 
-    table = predict_slides(load_bundle(args.bundle), args.images)
+    errors: list[str] = []
+    table = predict_slides(load_bundle(args.bundle), args.images, errors)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(out, index=False, float_format="%.6f")
-    print(f"{len(table)} slide predictions written to {out}")
+    for err in errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    print(f"{len(table)} slide predictions written to {out}; {len(errors)} slides skipped")
 
 
 # CLI

@@ -193,6 +193,8 @@ def test_mil_run_writes_bag_manifest_and_card(mil_bundle):
     card = read_card(mil_bundle)
     assert card["task"] == "mil" and card["tiling"]["patch_size"] == 128 and card["mil"]["method"] == "scmil"
     assert card["class_names"] == ["benign", "malignant"] and card["malignant_classes"] == ["malignant"]
+    # 3 epochs, parabolic beta 1.0 / 0.75 / 0.0: only the last epoch has a trained classifier, so it is the one kept
+    assert card["training"]["selected_epoch"] == 3 and card["training"]["epochs_run"] == 3
     assert len(list((run_dir / "mil" / "cache").glob("*.safetensors"))) == len(SLIDES)
 
 
@@ -220,6 +222,15 @@ def test_mil_bundle_round_trips_and_predicts_one_row_per_slide(mil_bundle, tmp_p
     Image.open(SLIDES[1]).save(folder / "slide_b.jpg")
     rows = predict_slides(bundle, folder)
     assert list(rows.image_id) == ["case_a", "slide_b"] and list(rows.n_patches)[0] == 3
+    # a blank or unreadable slide is skipped with its reason when errors are collected, raised otherwise
+    Image.new("RGB", (512, 512), "white").save(folder / "slide_c_blank.png")
+    (folder / "slide_d_broken.jpg").write_bytes(b"not a jpeg")
+    errors: list[str] = []
+    rows = predict_slides(bundle, folder, errors)
+    assert list(rows.image_id) == ["case_a", "slide_b"] and len(errors) == 2
+    assert "slide_c_blank" in errors[0] and "not a readable image" in errors[1]
+    with pytest.raises(ValueError, match="slide_c_blank"):
+        predict_slides(bundle, [folder / "slide_c_blank.png"])
 
 
 def test_lesionlab_predict_and_tile_commands(mil_bundle, tmp_path):
