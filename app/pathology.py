@@ -95,24 +95,37 @@ def _describe(bundle, analysis: SlideAnalysis) -> str:
     return "  \n".join(lines)
 
 
-def build_pathology_tab(bundles: dict[str, Any]) -> None:
-    """Create the Pathology tab inside the current `gr.Tabs()`/`gr.Blocks` context (api_name 'predict_slide')."""
+def build_pathology_tab(bundles: dict[str, Any], janitor: Any = None) -> None:
+    """Create the Pathology tab inside the current `gr.Tabs()`/`gr.Blocks` context (api_name 'predict_slide').
+
+    Uploads are deleted after each request by `janitor` (the app's `FileJanitor`; a private one when None).
+    """
     import gradio as gr
 
     if not bundles:
         raise ValueError("the pathology tab needs at least one MIL bundle")
     names = sorted(bundles)
+    if janitor is None:
+        from gradio.utils import get_upload_folder
+
+        from app.server import FileJanitor
+
+        janitor = FileJanitor(get_upload_folder(), grace_s=1.0)
 
     def predict(files, model_name: str):
         if not files:
-            raise gr.Error("Upload one H&E image, or several patches of one case.")
+            raise gr.Error("Upload one H&E image, or several patches of one case.", print_exception=False)
         if model_name not in bundles:
-            raise gr.Error(f"Unknown model '{model_name}'; choose one of {names}.")
+            raise gr.Error(f"Unknown model '{model_name}'; choose one of {names}.", print_exception=False)
         paths = [f if isinstance(f, str) else getattr(f, "name", f) for f in files]
+        held = janitor.hold(paths)
         try:
             analysis = analyze_slide(bundles[model_name], paths)
         except (ImageError, ValueError) as err:
-            raise gr.Error(str(err)) from err
+            # the message names the user's file: it goes to the user only, never to the server log
+            raise gr.Error(str(err), print_exception=False) from None
+        finally:
+            janitor.release(held)
         return analysis.probabilities, analysis.heatmap, analysis.top_patches, _describe(
             bundles[model_name], analysis
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -284,6 +285,7 @@ def test_analyze_slide_gives_probabilities_heatmap_and_top_patches(mil_bundle):
 def test_pathology_tab_answers_through_gradio_client(mil_bundle, tmp_path, monkeypatch):
     import gradio as gr
     from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
 
     from app.pathology import build_pathology_tab
     from models.bundle import load_bundle
@@ -303,6 +305,15 @@ def test_pathology_tab_answers_through_gradio_client(mil_bundle, tmp_path, monke
         assert confidences["malignant"] == pytest.approx(direct, abs=1e-4)
         assert Image.open(heatmap).size == Image.open(SLIDES[0]).size
         assert len(gallery) == 6 and "tissue patches" in note
+        uploads = [p for p in Path(tmp_path).rglob(SLIDES[0].name)]
+        deadline = time.monotonic() + 10
+        while uploads and any(p.exists() for p in uploads) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not any(p.exists() for p in uploads), "the upload was not deleted after the analysis"
+        with pytest.raises(AppError, match="no patch with at least"):
+            blank = tmp_path / "blank_case.png"
+            Image.new("RGB", (512, 512), "white").save(blank)
+            client.predict([handle_file(str(blank))], "scmil", api_name="/predict_slide")
     finally:
         demo.close()
 
