@@ -62,7 +62,7 @@ def stage_train(config: RunConfig, run_dir: Path, manifest: Path | None) -> dict
 
 # (name, is-enabled, function), in pipeline order.
 STAGES: list[tuple[str, Callable[[RunConfig], bool], StageFn]] = [
-    ("ingest", lambda c: True, stage_ingest),
+    ("ingest", lambda c: c.mil is None, stage_ingest),  # MIL runs read their own slides (mil.data)
     ("captions", lambda c: c.captions is not None, _plugin("pipelines.captions:run_caption_stage")),
     ("lora", lambda c: c.lora is not None, _plugin("pipelines.synthesis:run_finetune_stage")),
     ("synthesis", lambda c: c.synthesis is not None, _plugin("pipelines.synthesis:run_synthesis_stage")),
