@@ -77,7 +77,12 @@ def make_accelerator(settings: TrainSettings):
     mixed = settings.mixed_precision
     if cpu and mixed == "fp16":
         raise ValueError("fp16 mixed precision needs a GPU; use bf16 or 'no' on CPU")
-    accelerator = Accelerator(cpu=cpu, mixed_precision=mixed)
+    from accelerate.utils import DataLoaderConfiguration
+
+    # A seedable sampler makes each epoch's shuffle a function of (seed, epoch): a resumed run sees the same order.
+    accelerator = Accelerator(
+        cpu=cpu, mixed_precision=mixed, dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True)
+    )
     set_seed(settings.seed)
     return accelerator
 
