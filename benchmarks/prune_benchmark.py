@@ -120,7 +120,8 @@ def run(args: argparse.Namespace) -> None:
         norm = default_normalization(net)
         loaders = make_loaders(splits, norm["mean"], norm["std"], args.batch_size, args.eval_limit)
         base_path = out / f"{net}_base.safetensors"
-        model = build_model(net, num_classes=len(class_names), img_size=args.size)
+        pretrained = args.pretrained and net.startswith("efficientnet-lite")  # ImageNet weights ship only for Lite
+        model = build_model(net, num_classes=len(class_names), img_size=args.size, pretrained=pretrained)
         if base_path.is_file():
             from safetensors.torch import load_file
 
@@ -233,6 +234,7 @@ def main() -> None:
     parser.add_argument("--speed-runs", type=int, default=50)
     parser.add_argument("--speed-runs-224", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pretrained", action="store_true", help="start EfficientNet-Lite nets from ImageNet weights")
     parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

@@ -403,6 +403,35 @@ def _search_ratio(
     return hi, hi_flops
 
 
+def recalibrate_batchnorm(model: nn.Module, batches: Iterable[Any], device: str = "cpu") -> int:
+    """Re-estimate every BatchNorm's running mean/variance from `batches` (cumulative average); returns #images.
+
+    Pruning changes what each kept channel sees, so the old running statistics no longer match; with MONAI's
+    EfficientNet momentum of 0.01 a short fine-tune barely moves them and eval-mode outputs collapse.
+    """
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not norms:
+        return 0
+    momenta = [m.momentum for m in norms]
+    for norm in norms:
+        norm.reset_running_stats()
+        norm.momentum = None  # cumulative moving average over all batches
+    was_training = model.training
+    model.train()
+    n = 0
+    try:
+        with torch.no_grad():
+            for batch in batches:
+                images = batch[0] if isinstance(batch, (tuple, list)) else batch
+                model(images.to(device))
+                n += images.shape[0]
+    finally:
+        for norm, momentum in zip(norms, momenta):
+            norm.momentum = momentum
+        model.train(was_training)
+    return n
+
+
 def prune_to_flops(
     model: nn.Module,
     method: str,
@@ -440,6 +469,8 @@ def prune_to_flops(
         importance.calibrate(model, calibration)
         ratio, _ = _search_ratio(model, importance, target, input_size, min_channels, global_pruning, max_layer_pruning)
         prune_once(model, importance, ratio, input_size, min_channels, global_pruning)
+        if calibration is not None:
+            recalibrate_batchnorm(model, calibration, str(next(model.parameters()).device))
         flops = count_flops(model, input_size)
         record = {"stage": stage, "channel_ratio": ratio, "flops": flops, "flops_reduction": 1 - flops / base_flops,
                   "params": count_parameters(model), "seconds": time.perf_counter() - started}

@@ -226,3 +226,20 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--flops-reduction", "1.5"])
     assert code == 2 and "flops_reduction" in capsys.readouterr().err
+
+
+def test_batchnorm_recalibration_matches_the_statistics_of_the_data():
+    from pipelines.pruning import recalibrate_batchnorm
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4, momentum=0.01)).eval()
+    batches = [torch.randn(8, 3, 10, 10) * 3 + 1 for _ in range(4)]
+    assert recalibrate_batchnorm(net, batches) == 32
+    with torch.no_grad():
+        conv_out = torch.cat([net[0](b) for b in batches])
+    bn = net[1]
+    assert torch.allclose(bn.running_mean, conv_out.mean(dim=(0, 2, 3)), atol=1e-4)
+    # cumulative average of per-batch unbiased variances (PyTorch's momentum=None rule)
+    per_batch = torch.stack([net[0](b).var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0).detach()
+    assert torch.allclose(bn.running_var, per_batch, atol=1e-3)
+    assert not net.training and bn.momentum == 0.01
