@@ -339,19 +339,12 @@ def build_bag_manifest(slides: pd.DataFrame, settings: TilingSettings) -> pd.Dat
 
 def write_bag_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a bag manifest CSV atomically."""
-    import os
-    import tempfile
+    from pipelines.manifest import write_csv_atomic
 
     missing = [c for c in BAG_COLUMNS if c not in df.columns]
     if missing:
         raise ValueError(f"bag manifest lacks columns {missing}; expected {BAG_COLUMNS}")
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", newline="") as handle:
-        df.to_csv(handle, index=False)
-    os.replace(tmp, path)
-    return path
+    return write_csv_atomic(df, path)
 
 
 def read_bag_manifest(path: str | Path) -> pd.DataFrame:

@@ -55,6 +55,11 @@ def validate_manifest(df: pd.DataFrame, name: str = "manifest") -> None:
 def write_manifest(df: pd.DataFrame, path: str | Path) -> Path:
     """Write a manifest atomically (temp file + rename), so a killed run never leaves half a CSV."""
     validate_manifest(df, str(path))
+    return write_csv_atomic(df, path)
+
+
+def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+    """Write a CSV via a temp file + rename, so a killed run never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")

@@ -442,11 +442,9 @@ def list_slides(source: str | Path) -> list[Path]:
             raise FileNotFoundError(f"folder '{source}' holds no slides (image files or folders of patches)")
         return slides
     if source.is_file() and source.suffix.lower() == ".csv":
-        table = pd.read_csv(source, dtype=str, keep_default_na=False)
-        column = "path" if "path" in table.columns else "image" if "image" in table.columns else None
-        if column is None:
-            raise ValueError(f"CSV '{source}' needs a 'path' (or 'image') column listing slides")
-        return [Path(p) if Path(p).is_absolute() else source.parent / p for p in table[column]]
+        from pipelines.prediction import paths_from_csv
+
+        return paths_from_csv(source, "slides")
     raise FileNotFoundError(f"'{source}' is neither a folder of slides nor a CSV listing them")
 
 

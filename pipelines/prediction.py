@@ -94,9 +94,14 @@ def list_images(source: str | Path) -> list[Path]:
             if p.suffix.lower() in IMAGE_SUFFIXES or p.suffix.lower() not in {".csv", ".json", ".md", ".txt"}
         ]
     if source.is_file() and source.suffix.lower() == ".csv":
-        table = pd.read_csv(source, dtype=str, keep_default_na=False)
-        column = "path" if "path" in table.columns else "image" if "image" in table.columns else None
-        if column is None:
-            raise ValueError(f"CSV '{source}' needs a 'path' (or 'image') column listing image files")
-        return [Path(p) if Path(p).is_absolute() else source.parent / p for p in table[column]]
+        return paths_from_csv(source, "image files")
     raise FileNotFoundError(f"'{source}' is neither a folder of images nor a CSV listing them")
+
+
+def paths_from_csv(source: Path, what: str) -> list[Path]:
+    """The files a CSV lists in its `path` (or `image`) column; relative paths are relative to the CSV."""
+    table = pd.read_csv(source, dtype=str, keep_default_na=False)
+    column = "path" if "path" in table.columns else "image" if "image" in table.columns else None
+    if column is None:
+        raise ValueError(f"CSV '{source}' needs a 'path' (or 'image') column listing {what}")
+    return [Path(p) if Path(p).is_absolute() else source.parent / p for p in table[column]]
