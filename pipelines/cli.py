@@ -82,7 +82,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 def _cmd_predict(args: argparse.Namespace) -> None:
     from models.bundle import read_card
-    from pipelines.prediction import Predictor, list_images
+    from pipelines.prediction import Predictor, list_images, write_predictions
 
     card = read_card(args.bundle)
     if card.get("task") == "mil":
@@ -93,12 +93,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     paths = list_images(args.images)
     predictor = Predictor.from_path(args.bundle)
     table, errors = predictor.predict_files(paths)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.6f")
-    for err in errors:
-        print(f"skipped: {err}", file=sys.stderr)
-    print(f"{len(table)} predictions written to {out}; {len(errors)} files skipped")
+    write_predictions(table, errors, args.out, "files")
 
 
 def _cmd_serve(args: argparse.Namespace) -> None:

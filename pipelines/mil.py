@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -451,15 +450,11 @@ def list_slides(source: str | Path) -> list[Path]:
 def predict_slides_cli(args: argparse.Namespace) -> None:
     """`lesionlab predict` for a MIL bundle: one row per slide into args.out."""
     from models.bundle import load_bundle
+    from pipelines.prediction import write_predictions
 
     errors: list[str] = []
     table = predict_slides(load_bundle(args.bundle), args.images, errors)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(out, index=False, float_format="%.6f")
-    for err in errors:
-        print(f"skipped: {err}", file=sys.stderr)
-    print(f"{len(table)} slide predictions written to {out}; {len(errors)} slides skipped")
+    write_predictions(table, errors, args.out, "slides")
 
 
 # CLI

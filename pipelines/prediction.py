@@ -80,6 +80,19 @@ class Predictor:
         return self.table(ids, self.predict(images)), errors
 
 
+def write_predictions(table: pd.DataFrame, errors: Sequence[object], out: str | Path, what: str = "images") -> Path:
+    """Write a prediction CSV, report each skipped item on stderr, and print a one-line summary."""
+    import sys
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out, index=False, float_format="%.6f")
+    for err in errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    print(f"{len(table)} predictions written to {out}; {len(errors)} {what} skipped")
+    return out
+
+
 def list_images(source: str | Path) -> list[Path]:
     """Image files from a folder (recursively) or from a CSV with a `path` (or `image`) column."""
     source = Path(source)
