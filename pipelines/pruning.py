@@ -539,15 +539,12 @@ def measure_model(model: nn.Module, input_size: int, speed: bool = True, runs: i
     return report
 
 
-@torch.no_grad()
-def predict_probs(model: nn.Module, loader: Iterable[Any], device: str = "cpu") -> tuple[np.ndarray, np.ndarray]:
-    """Softmax probabilities and labels over a loader of (images, labels)."""
-    model.eval()
-    probs, labels = [], []
-    for images, y in loader:
-        probs.append(torch.softmax(model(images.to(device)).float(), -1).cpu())
-        labels.append(torch.as_tensor(y))
-    return torch.cat(probs).numpy(), torch.cat(labels).numpy()
+def predict_probs(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Softmax probabilities and labels over a loader of (images, labels) (the trainer's prediction loop)."""
+    from pipelines.training import predict_probs as predict_with_speed
+
+    probs, labels, _ = predict_with_speed(model, loader)
+    return probs, labels
 
 
 def accuracy_report(

@@ -270,11 +270,10 @@ def _checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
 
 
 @torch.no_grad()
-def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, float]:
-    """(probs, labels, images/s) for a dataset on the model's device, single process."""
+def predict_probs(model: nn.Module, loader) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probs, labels, images/s of the forward passes) over a loader of (images, labels), single process."""
     device = next(model.parameters()).device
     model.eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
     probs, labels, seconds = [], [], 0.0
     for images, targets in loader:
         started = time.perf_counter()
@@ -284,6 +283,11 @@ def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np
         labels.append(np.asarray(targets))
     n = sum(len(p) for p in probs)
     return np.concatenate(probs), np.concatenate(labels), n / seconds if seconds else float("nan")
+
+
+def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, float]:
+    """(probs, labels, images/s) for a dataset on the model's device, single process."""
+    return predict_probs(model, DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
 def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
