@@ -2,9 +2,11 @@
 
     .venv/bin/python benchmarks/prune_benchmark.py ../shared/data/ham10000 --out runs/prune_bench --size 64
 
-Trains each baseline once (cached), then for every (net, FLOPs reduction, method) prunes a copy, fine-tunes it with
-the project's trainer and class-weighted cross-entropy for the same budget, and appends one JSON line to
-`results.jsonl` (re-running skips finished lines). `--plot` writes the table and the accuracy-vs-FLOPs plot.
+Trains each baseline once (cached), fine-tunes an unpruned copy for the same budget as every pruned net (the
+"unpruned+ft" control), then for every (net, FLOPs reduction, method) prunes a copy, fine-tunes it with the project's
+trainer and class-weighted cross-entropy, and appends one JSON line to `results.jsonl` (re-running skips finished
+lines); test-split probabilities go to `probs/`. `--plot` writes the table (with paired-bootstrap 95 % intervals of
+each change against the unpruned baseline) and the accuracy-vs-FLOPs plot.
 """
 
 from __future__ import annotations
@@ -97,9 +99,21 @@ def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: i
     return fit(model, loaders[0], loaders[1], loss, settings, run_dir).model
 
 
-def evaluate(model, loader, class_names, minority) -> dict:
+def evaluate(model, loader, class_names, minority, probs_path: Path) -> dict:
+    """Test-split report; the probabilities are kept for the paired bootstrap in `--plot`."""
     probs, y = pruning.predict_probs(model, loader)
+    probs_path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(probs_path, probs=probs, labels=y)
     return pruning.accuracy_report(y, probs, class_names, MALIGNANT, minority)
+
+
+def probs_file(out: Path, net: str, method: str, target: float) -> Path:
+    return out / "probs" / f"{net}_{method}_{int(round(target * 100))}.npz"
+
+
+def pretrained_available(net: str) -> bool:
+    """ImageNet weights ship for EfficientNet-Lite; B0 is warm-started from Lite0 (models.efficientnet)."""
+    return net.startswith("efficientnet-lite") or net == "efficientnet-b0"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -120,7 +134,7 @@ def run(args: argparse.Namespace) -> None:
         norm = default_normalization(net)
         loaders = make_loaders(splits, norm["mean"], norm["std"], args.batch_size, args.eval_limit)
         base_path = out / f"{net}_base.safetensors"
-        pretrained = args.pretrained and net.startswith("efficientnet-lite")  # ImageNet weights ship only for Lite
+        pretrained = args.pretrained and pretrained_available(net)
         model = build_model(net, num_classes=len(class_names), img_size=args.size, pretrained=pretrained)
         if base_path.is_file():
             from safetensors.torch import load_file
@@ -137,7 +151,7 @@ def run(args: argparse.Namespace) -> None:
         if (net, 0.0, "none") not in done:
             record = {"net": net, "target": 0.0, "method": "none", **pruning.measure_model(model, args.size),
                       "speed_224": pruning.measure_speed(model, 224, runs=args.speed_runs_224),
-                      "test": evaluate(model, loaders[2], class_names, minority)}
+                      "test": evaluate(model, loaders[2], class_names, minority, probs_file(out, net, "none", 0))}
             with results_path.open("a") as handle:
                 handle.write(json.dumps(record) + "\n")
             done.add((net, 0.0, "none"))
@@ -146,64 +160,105 @@ def run(args: argparse.Namespace) -> None:
         picks = np.concatenate([rng.permutation(np.flatnonzero(calib_y == c))[: args.calib_per_class]
                                 for c in range(len(class_names))])
         calib_ds = ArrayDataset(calib_x[picks], calib_y[picks], norm["mean"], norm["std"], False)
-        nets[net] = (model, loaders, [x for x, _ in DataLoader(calib_ds, batch_size=32)])
-    for target in args.targets:  # phase 2: the grid, most informative target first
-        for net, (model, loaders, calibration) in nets.items():
-            for method in args.methods:
-                if (net, target, method) in done:
-                    continue
-                started = time.perf_counter()
-                pruned = copy.deepcopy(model)
-                run_dir = out / f"{net}_{method}_{int(target * 100)}"
+        # BatchNorm statistics are re-estimated on a random (not class-balanced) training sample
+        sample = rng.permutation(len(calib_y))[: args.batchnorm_images]
+        norm_ds = ArrayDataset(calib_x[sample], calib_y[sample], norm["mean"], norm["std"], False)
+        nets[net] = (model, loaders, [x for x, _ in DataLoader(calib_ds, batch_size=32)],
+                     [x for x, _ in DataLoader(norm_ds, batch_size=64)])
+    # phase 2: the unpruned fine-tune control, then the grid, most informative target first
+    grid = [(0.0, "unpruned+ft")] + [(target, method) for target in args.targets for method in args.methods]
+    for target, method in grid:
+        for net, (model, loaders, calibration, batchnorm) in nets.items():
+            if (net, target, method) in done:
+                continue
+            started = time.perf_counter()
+            run_dir = out / f"{net}_{method}_{int(round(target * 100))}"
 
-                def fine_tune(m, stage, run_dir=run_dir, loaders=loaders):
-                    return train(m, loaders, counts, args, run_dir / f"stage{stage}", args.ft_epochs, args.ft_steps,
-                                 args.ft_lr)
+            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders):
+                return train(m, loaders, counts, args, run_dir / f"stage{stage}", args.ft_epochs, args.ft_steps,
+                             args.ft_lr)
 
-                result = pruning.prune_to_flops(pruned, method, target, args.size, calibration=calibration,
-                                                steps=args.steps, fine_tune=fine_tune, seed=args.seed)
-                record = {"net": net, "target": target, "method": method,
-                          "flops_reduction": result.flops_reduction, "stages": result.stages,
-                          **pruning.measure_model(result.model, args.size),
-                          "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
-                          "test": evaluate(result.model, loaders[2], class_names, minority),
-                          "seconds": time.perf_counter() - started}
-                with results_path.open("a") as handle:
-                    handle.write(json.dumps(record) + "\n")
-                log.info("%s %s %.0f%%: FLOPs -%.1f%%, bal acc %.3f, mal AUC %.3f (%.0f s)", net, method,
-                         100 * target, 100 * result.flops_reduction, record["test"]["balanced_accuracy"],
-                         record["test"]["malignant_auc"], record["seconds"])
+            if method == "unpruned+ft":
+                tuned = fine_tune(copy.deepcopy(model), 1)
+                pruning.recalibrate_batchnorm(tuned, batchnorm)  # as every pruned net gets after its fine-tune
+                result = pruning.PruneResult(model=tuned, base_flops=pruning.count_flops(tuned, args.size),
+                                             flops=pruning.count_flops(tuned, args.size))
+            else:
+                result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
+                                                calibration=calibration, steps=args.steps, fine_tune=fine_tune,
+                                                seed=args.seed, batchnorm_batches=batchnorm)
+            record = {"net": net, "target": target, "method": method,
+                      "flops_reduction": result.flops_reduction, "stages": result.stages,
+                      **pruning.measure_model(result.model, args.size),
+                      "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
+                      "test": evaluate(result.model, loaders[2], class_names, minority,
+                                       probs_file(out, net, method, target)),
+                      "seconds": time.perf_counter() - started}
+            with results_path.open("a") as handle:
+                handle.write(json.dumps(record) + "\n")
+            log.info("%s %s %.0f%%: FLOPs -%.1f%%, bal acc %.3f, mal AUC %.3f (%.0f s)", net, method,
+                     100 * target, 100 * result.flops_reduction, record["test"]["balanced_accuracy"],
+                     record["test"]["malignant_auc"], record["seconds"])
 
 
-def plot(results_path: Path, png: Path) -> str:
-    """Write the accuracy-vs-FLOPs plot; return the markdown table."""
+def bootstrap_against_base(out: Path, net: str, row: dict, class_names: list[str]) -> dict | None:
+    """Paired-bootstrap change of `row` against the unpruned baseline of `net` (None if probabilities are missing)."""
+    from pipelines.evaluation import paired_bootstrap_delta
+
+    base_path, row_path = probs_file(out, net, "none", 0), probs_file(out, net, row["method"], row["target"])
+    if not (base_path.is_file() and row_path.is_file()):
+        return None
+    base, new = np.load(base_path), np.load(row_path)
+    if not np.array_equal(base["labels"], new["labels"]):
+        raise ValueError(f"{row_path} and {base_path} were scored on different test cases")
+    return paired_bootstrap_delta(base["labels"], base["probs"], new["probs"], class_names, MALIGNANT)
+
+
+def _delta_cell(delta: dict | None, key: str) -> str:
+    if delta is None:
+        return "n/a"
+    d = delta[key]
+    return f"{100 * d['delta']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
+
+
+def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
+    """Write the accuracy-vs-FLOPs plot; return the markdown table (changes in points, 95 % paired bootstrap)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    out = results_path.parent
     rows = [json.loads(line) for line in results_path.read_text().splitlines()]
     nets = sorted({r["net"] for r in rows})
     fig, axes = plt.subplots(2, len(nets), figsize=(5 * len(nets), 7), squeeze=False)
-    lines = ["| net | method | target | FLOPs removed | params | MFLOPs | file KB | p50 ms (64/224 px) "
-             "| img/s 224 | bal. acc | mal. AUC | minority recall |", "|" + "---|" * 12]
+    lines = ["| net | method | target | FLOPs removed | params | MFLOPs | file KB | p50 ms (64/224 px) | img/s 224 "
+             "| bal. acc | Δ bal. acc, points [95 % CI] | mal. AUC | Δ mal. AUC, points [95 % CI] | minority recall |",
+             "|" + "---|" * 14]
     for col, net in enumerate(nets):
         base = next(r for r in rows if r["net"] == net and r["method"] == "none")
-        for r in sorted((r for r in rows if r["net"] == net), key=lambda r: (r["method"] != "none", r["method"],
+        order = {"none": 0, "unpruned+ft": 1}
+        for r in sorted((r for r in rows if r["net"] == net), key=lambda r: (order.get(r["method"], 2), r["method"],
                                                                               r["target"])):
             removed = 1 - r["flops"] / base["flops"]
             t = r["test"]
+            delta = None if r is base else bootstrap_against_base(out, net, r, class_names)
             lines.append(f"| {net} | {r['method']} | {r['target']:.0%} | {removed:.1%} | {r['params'] / 1e6:.2f} M | "
                          f"{r['flops'] / 1e6:.1f} | {r['file_bytes'] / 1024:.0f} | {r['latency_ms_p50']:.1f} / "
                          f"{r['speed_224']['latency_ms_p50']:.1f} | {r['speed_224']['throughput_images_per_s']:.0f} | "
-                         f"{t['balanced_accuracy']:.3f} | {t['malignant_auc']:.3f} | {t['minority_recall']:.3f} |")
+                         f"{t['balanced_accuracy']:.3f} | {_delta_cell(delta, 'balanced_accuracy')} | "
+                         f"{t['malignant_auc']:.3f} | {_delta_cell(delta, 'malignant_auc')} | "
+                         f"{t['minority_recall']:.3f} |")
+        control = next((r for r in rows if r["net"] == net and r["method"] == "unpruned+ft"), None)
         for row, key in enumerate(("balanced_accuracy", "malignant_auc")):
             ax = axes[row][col]
-            for method in sorted({r["method"] for r in rows if r["method"] != "none"}):
+            for method in sorted({r["method"] for r in rows if r["method"] not in order}):
                 pts = sorted((1 - r["flops"] / base["flops"], r["test"][key]) for r in rows
                              if r["net"] == net and r["method"] == method)
                 ax.plot([100 * p[0] for p in pts], [p[1] for p in pts], marker="o", label=method)
             ax.axhline(base["test"][key], color="k", ls="--", lw=1, label="unpruned")
+            if control is not None:
+                ax.axhline(control["test"][key], color="gray", ls=":", lw=1, label="unpruned + same fine-tune")
             ax.set_xlabel("FLOPs removed (%)")
             ax.set_ylabel(key.replace("_", " "))
             ax.set_title(net)
@@ -228,19 +283,25 @@ def main() -> None:
     parser.add_argument("--base-epochs", type=int, default=6)
     parser.add_argument("--base-steps", type=int, default=None)
     parser.add_argument("--ft-epochs", type=int, default=1)
-    parser.add_argument("--ft-steps", type=int, default=40)
+    parser.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps per epoch (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="validation images used by the trainer")
     parser.add_argument("--calib-per-class", type=int, default=16)
+    parser.add_argument("--batchnorm-images", type=int, default=512,
+                        help="random training images BatchNorm statistics are re-estimated on")
     parser.add_argument("--speed-runs", type=int, default=50)
     parser.add_argument("--speed-runs-224", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pretrained", action="store_true", help="start EfficientNet-Lite nets from ImageNet weights")
+    parser.add_argument("--pretrained", action="store_true",
+                        help="start EfficientNet-Lite from ImageNet weights and B0 from ImageNet Lite0 weights")
     parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.plot:
         out = Path(args.out)
-        print(plot(out / "results.jsonl", out / "prune_benchmark.png"))
+        from pipelines.manifest import ingest_ham10000
+
+        class_names = sorted(ingest_ham10000(Path(args.data)).label.unique())
+        print(plot(out / "results.jsonl", out / "prune_benchmark.png", class_names))
         return
     run(args)
 

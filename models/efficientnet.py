@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import re
 from pathlib import Path
 
@@ -106,6 +107,40 @@ def load_lite_imagenet(net: EfficientNet, name: str, checkpoint: Path | None = N
     verify_sha256_prefix(path)
     state_dict = torch.load(path, map_location="cpu", weights_only=True)
     net.load_state_dict(lukemelas_to_monai(state_dict, net), strict=True)
+
+
+SE_KEYS = re.compile(r"\._se_(reduce|expand)\.(weight|bias)$")
+
+
+def init_b0_from_lite0(net: EfficientNet, checkpoint: Path | None = None, se_gate: float = 0.95) -> None:
+    """Warm-start a 1000-class MONAI EfficientNet-B0 from Google's ImageNet EfficientNet-Lite0 weights.
+
+    No ImageNet B0 checkpoint can be had offline; Lite0 is B0 with the same stages, repeats, kernels and widths
+    (stem 32, head 1280) but without squeeze-excitation and with ReLU6. Every conv, BatchNorm and the classifier are
+    copied (shapes must match exactly). Each SE starts as a constant gate: its expand conv has zero weights and
+    bias logit(`se_gate`), so a block passes its features on scaled by `se_gate` until fine-tuning teaches the SE.
+    B0 keeps its swish, so this is a warm start that needs fine-tuning, not an ImageNet-trained B0.
+    """
+    if not 0 < se_gate < 1:
+        raise ValueError(f"se_gate is {se_gate}; expected a sigmoid gate value in (0, 1)")
+    lite = build_efficientnet_lite("efficientnet-lite0", num_classes=1000, image_size=224)
+    load_lite_imagenet(lite, "efficientnet-lite0", checkpoint)
+    source, own = lite.state_dict(), net.state_dict()
+    state = {}
+    for key, value in own.items():
+        if SE_KEYS.search(key):
+            if key.endswith("_se_expand.weight"):
+                value = torch.zeros_like(value)
+            elif key.endswith("_se_expand.bias"):
+                value = torch.full_like(value, math.log(se_gate / (1 - se_gate)))
+            state[key] = value
+            continue
+        if key not in source or source[key].shape != value.shape:
+            found = tuple(source[key].shape) if key in source else "nothing"
+            raise ValueError(f"EfficientNet-Lite0 weights do not fit B0 at '{key}': expected {tuple(value.shape)}, "
+                             f"Lite0 has {found}; is this an EfficientNet-B0 with 1000 outputs?")
+        state[key] = source[key]
+    net.load_state_dict(state, strict=True)
 
 
 def build_efficientnet_bn(name: str, image_size: int) -> EfficientNet:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import logging
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,8 +18,11 @@ from models.efficientnet import (
     EfficientNetBackbone,
     build_efficientnet_bn,
     build_efficientnet_lite,
+    init_b0_from_lite0,
     load_lite_imagenet,
 )
+
+log = logging.getLogger(__name__)
 
 IMAGENET_NORMALIZATION = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 HALF_NORMALIZATION = {"mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]}
@@ -36,8 +40,15 @@ def _efficientnet_lite(name: str):
 
 
 def _efficientnet_bn(name: str):
-    def build(num_classes: int, img_size: int, dropout: float = 0.2, **_: Any) -> nn.Module:
-        backbone = EfficientNetBackbone(build_efficientnet_bn(name, img_size))
+    def build(num_classes: int, img_size: int, pretrained: bool = False, dropout: float = 0.2, **_: Any) -> nn.Module:
+        net = build_efficientnet_bn(name, img_size)
+        if pretrained:
+            if name != "efficientnet-b0":
+                raise ValueError(f"no ImageNet weights for {name} are available offline; set `pretrained: false` "
+                                 "or give a local checkpoint, or use efficientnet-b0 / efficientnet-lite0..2")
+            log.info("efficientnet-b0: warm-starting from ImageNet EfficientNet-Lite0 weights (SE gates neutral)")
+            init_b0_from_lite0(net)
+        backbone = EfficientNetBackbone(net)
         return ImageClassifier(backbone, backbone.out_channels, num_classes, dropout)
 
     return build

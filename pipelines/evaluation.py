@@ -116,6 +116,50 @@ def choose_operating_threshold(
     }
 
 
+def paired_bootstrap_delta(
+    y_true: Sequence[int],
+    probs_ref: np.ndarray,
+    probs_new: np.ndarray,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[str] = ("mel", "bcc", "akiec"),
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> dict[str, dict[str, float]]:
+    """Change (new - reference) in balanced accuracy and malignant AUC with a 95 % paired bootstrap interval.
+
+    Both models are scored on the same resampled cases, so the interval reflects the difference between them,
+    not each model's own sampling noise. Resamples that lose a class (or all malignant/benign cases) are redrawn.
+    """
+    y_true = np.asarray(y_true)
+    if probs_ref.shape != probs_new.shape or probs_ref.shape[0] != len(y_true):
+        raise ValueError(f"probabilities of shapes {probs_ref.shape} and {probs_new.shape} do not both cover the "
+                         f"{len(y_true)} cases")
+    y_mal = np.isin(np.asarray(class_names)[y_true], list(malignant_classes))
+    pred_ref, pred_new = probs_ref.argmax(1), probs_new.argmax(1)
+    mal_ref = malignant_probability(probs_ref, class_names, malignant_classes)
+    mal_new = malignant_probability(probs_new, class_names, malignant_classes)
+
+    def deltas(idx: np.ndarray) -> tuple[float, float]:
+        bal = balanced_accuracy_score(y_true[idx], pred_new[idx]) - balanced_accuracy_score(y_true[idx], pred_ref[idx])
+        auc = roc_auc_score(y_mal[idx], mal_new[idx]) - roc_auc_score(y_mal[idx], mal_ref[idx])
+        return bal, auc
+
+    rng = np.random.default_rng(seed)
+    present = np.unique(y_true)
+    samples = []
+    while len(samples) < n_boot:
+        idx = rng.integers(0, len(y_true), len(y_true))
+        if len(np.unique(y_true[idx])) == len(present) and 0 < y_mal[idx].sum() < len(idx):
+            samples.append(deltas(idx))
+    samples = np.asarray(samples)
+    point = deltas(np.arange(len(y_true)))
+    return {
+        name: {"delta": float(point[i]), "low": float(np.percentile(samples[:, i], 2.5)),
+               "high": float(np.percentile(samples[:, i], 97.5))}
+        for i, name in enumerate(("balanced_accuracy", "malignant_auc"))
+    }
+
+
 def compute_metrics(
     y_true: Sequence[int],
     probs: np.ndarray,

@@ -443,12 +443,16 @@ def prune_to_flops(
     max_layer_pruning: float = 0.9,
     fine_tune: Callable[[nn.Module, int], nn.Module | None] | None = None,
     seed: int = 0,
+    batchnorm_batches: Iterable[Any] | None = None,
 ) -> PruneResult:
     """Prune `model` in place until its FLOPs fall by `flops_reduction`, in `steps` prune -> fine-tune stages.
 
     Each stage re-scores the filters of the current model (re-running calibration for data-driven methods),
     finds the channel ratio that reaches that stage's FLOPs target, prunes and calls `fine_tune(model, stage)`.
     No conv ever keeps fewer than max(1, ceil((1 - max_layer_pruning) * its original filters)).
+    BatchNorm statistics are re-estimated after each prune and each fine-tune from `batchnorm_batches`, which
+    should follow the training distribution (a random training sample; the class-balanced calibration set
+    shifts them towards the rare classes), falling back to `calibration`.
     """
     if not 0 < flops_reduction < 1:
         raise ValueError(f"flops_reduction is {flops_reduction}; expected a fraction between 0 and 1 (e.g. 0.5)")
@@ -469,8 +473,9 @@ def prune_to_flops(
         importance.calibrate(model, calibration)
         ratio, _ = _search_ratio(model, importance, target, input_size, min_channels, global_pruning, max_layer_pruning)
         prune_once(model, importance, ratio, input_size, min_channels, global_pruning)
-        if calibration is not None:
-            recalibrate_batchnorm(model, calibration, str(next(model.parameters()).device))
+        norm_batches = batchnorm_batches if batchnorm_batches is not None else calibration
+        if norm_batches is not None:
+            recalibrate_batchnorm(model, norm_batches, str(next(model.parameters()).device))
         flops = count_flops(model, input_size)
         record = {"stage": stage, "channel_ratio": ratio, "flops": flops, "flops_reduction": 1 - flops / base_flops,
                   "params": count_parameters(model), "seconds": time.perf_counter() - started}
@@ -479,6 +484,8 @@ def prune_to_flops(
         if fine_tune is not None:
             tuned = fine_tune(model, stage)
             model = tuned if tuned is not None else model
+            if norm_batches is not None:  # a short fine-tune barely moves running stats (momentum 0.01)
+                recalibrate_batchnorm(model, norm_batches, str(next(model.parameters()).device))
         result.stages.append(record)
         result.model, result.flops = model, flops
     return result
@@ -590,6 +597,7 @@ def _settings_model():
         global_pruning: bool = False
         max_layer_pruning: float = Field(0.9, gt=0, lt=1)
         calibration_per_class: int = Field(16, ge=1)
+        batchnorm_images: int = Field(512, ge=1)
         fine_tune_epochs: int = Field(2, ge=0)
         fine_tune_lr: float = Field(5e-4, gt=0)
         batch_size: int = Field(32, ge=1)
@@ -656,6 +664,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     evaluate = eval_transform(size, norm["mean"], norm["std"])
     calib_rows = balanced_calibration_rows(train_df, settings.calibration_per_class, settings.seed)
     calibration = [x for x, _ in DataLoader(ImageDataset(calib_rows, class_names, evaluate), batch_size=32)]
+    norm_rows = train_df.sample(n=min(settings.batchnorm_images, len(train_df)), random_state=settings.seed)
+    batchnorm = [x for x, _ in DataLoader(ImageDataset(norm_rows, class_names, evaluate), batch_size=64)]
     eval_loader = DataLoader(ImageDataset(eval_df, class_names, evaluate, cache_images=True), batch_size=64)
     counts = class_counts(train_df.label, class_names)
     minority = minority_classes_of(counts, class_names)
@@ -686,7 +696,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
 
     result = prune_to_flops(model, settings.method, settings.flops_reduction, size, calibration=calibration,
                             steps=settings.steps, global_pruning=settings.global_pruning,
-                            max_layer_pruning=settings.max_layer_pruning, fine_tune=fine_tune, seed=settings.seed)
+                            max_layer_pruning=settings.max_layer_pruning, fine_tune=fine_tune, seed=settings.seed,
+                            batchnorm_batches=batchnorm)
     model = result.model.cpu().eval()
     after = {**measure_model(model, size, runs=settings.speed_runs),
              "accuracy": accuracy_report(*_flip(predict_probs(model, eval_loader)), class_names, malignant, minority)}
@@ -777,7 +788,8 @@ def _cmd_prune(args: Any) -> None:
 
     fields = {"method": args.method, "flops_reduction": args.flops_reduction, "steps": args.steps,
               "global_pruning": args.global_pruning, "max_layer_pruning": args.max_layer_pruning,
-              "calibration_per_class": args.calibration_per_class, "fine_tune_epochs": args.epochs,
+              "calibration_per_class": args.calibration_per_class, "batchnorm_images": args.batchnorm_images,
+              "fine_tune_epochs": args.epochs,
               "fine_tune_lr": args.lr, "batch_size": args.batch_size, "max_steps_per_epoch": args.max_steps_per_epoch,
               "eval_split": args.eval_split, "seed": args.seed, "speed_runs": args.speed_runs}
     try:
@@ -811,6 +823,8 @@ def add_cli(subparsers: Any) -> None:
                    help="rank filters across layers instead of the same ratio per layer")
     p.add_argument("--max-layer-pruning", type=float, help="most of one layer's filters ever removed (default 0.9)")
     p.add_argument("--calibration-per-class", type=int, help="calibration images per class (default 16)")
+    p.add_argument("--batchnorm-images", type=int,
+                   help="random training images BatchNorm statistics are re-estimated on after each step (default 512)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs after each stage (default 2; 0: none)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int)

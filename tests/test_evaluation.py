@@ -10,6 +10,7 @@ from pipelines.evaluation import (
     choose_operating_threshold,
     compute_metrics,
     expected_calibration_error,
+    paired_bootstrap_delta,
     save_plots,
     sensitivity_at_specificity,
     write_report,
@@ -80,3 +81,19 @@ def test_report_and_plots_are_written(random_predictions, tmp_path):
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="expected"):
         compute_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"])
+
+
+def test_paired_bootstrap_delta_brackets_the_observed_change(random_predictions):
+    y, probs = random_predictions
+    same = paired_bootstrap_delta(y, probs, probs, CLASSES, n_boot=50)
+    assert all(same[k] == {"delta": 0.0, "low": 0.0, "high": 0.0} for k in same)
+    rng = np.random.default_rng(0)
+    noisy = 0.5 * probs + 0.5 * rng.dirichlet(np.ones(7), size=len(y))  # a clearly worse model
+    worse = paired_bootstrap_delta(y, probs, noisy, CLASSES, n_boot=200)
+    bal = worse["balanced_accuracy"]
+    expected = balanced_accuracy_score(y, noisy.argmax(1)) - balanced_accuracy_score(y, probs.argmax(1))
+    assert bal["delta"] == pytest.approx(expected)
+    assert bal["low"] <= bal["delta"] <= bal["high"]
+    assert worse["malignant_auc"]["high"] < 0
+    with pytest.raises(ValueError, match="300 cases"):
+        paired_bootstrap_delta(y, probs, probs[:10], CLASSES)

@@ -61,6 +61,26 @@ def test_pretrained_lite_differs_from_random_init_and_keeps_a_fresh_head():
     assert pretrained.head.out_features == 7
 
 
+def test_b0_warm_start_copies_every_lite0_tensor_and_starts_se_as_a_constant_gate():
+    b0 = build_model("efficientnet-b0", 7, 64, pretrained=True)
+    lite = build_model("efficientnet-lite0", 7, 64, pretrained=True)
+    b0_state, lite_state = b0.state_dict(), lite.state_dict()
+    shared = [k for k in b0_state if "_se_" not in k and not k.startswith("head.")]
+    assert len(shared) == len([k for k in lite_state if not k.startswith("head.")])
+    assert all(torch.equal(b0_state[k], lite_state[k]) for k in shared)
+    se_expand = [k for k in b0_state if "_se_expand" in k]
+    assert se_expand and all(not b0_state[k].any() for k in se_expand if k.endswith("weight"))
+    gates = torch.sigmoid(torch.cat([b0_state[k] for k in se_expand if k.endswith("bias")]))
+    assert torch.allclose(gates, torch.full_like(gates, 0.95))
+    block = b0.backbone.net._blocks[1][0]
+    assert block.has_se and not isinstance(block._swish, torch.nn.ReLU6)  # still a B0: SE and swish
+
+
+def test_pretrained_is_refused_for_efficientnets_without_offline_weights():
+    with pytest.raises(ValueError, match="no ImageNet weights for efficientnet-b3"):
+        build_model("efficientnet-b3", 7, 64, pretrained=True)
+
+
 def test_corrupt_checkpoint_is_rejected(tmp_path):
     bad = tmp_path / "efficientnet-lite0-57934424.pth"
     shutil.copy(lite_checkpoint_path("efficientnet-lite0"), bad)

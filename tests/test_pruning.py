@@ -243,3 +243,23 @@ def test_batchnorm_recalibration_matches_the_statistics_of_the_data():
     per_batch = torch.stack([net[0](b).var(dim=(0, 2, 3), unbiased=True) for b in batches]).mean(0).detach()
     assert torch.allclose(bn.running_var, per_batch, atol=1e-3)
     assert not net.training and bn.momentum == 0.01
+
+
+def test_prune_to_flops_re_estimates_batchnorm_on_the_given_sample_after_the_fine_tune():
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=3, img_size=16, widths=(8, 16)).eval()
+    calibration = [torch.randn(8, 3, 16, 16)]
+    sample = [torch.randn(16, 3, 16, 16) * 2 + 3 for _ in range(2)]
+
+    def fine_tune(m, stage):  # stands in for training: moves the weights the first BatchNorm sees
+        with torch.no_grad():
+            pruning.conv_layers(m)[next(iter(pruning.conv_layers(m)))].weight.mul_(3)
+
+    result = pruning.prune_to_flops(model, "l1", 0.4, 16, calibration=calibration, fine_tune=fine_tune,
+                                    batchnorm_batches=sample)
+    first_conv = next(iter(pruning.conv_layers(result.model).values()))
+    norm = next(m for m in result.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    with torch.no_grad():
+        expected = torch.cat([first_conv(x) for x in sample]).mean(dim=(0, 2, 3))
+    assert norm.num_features == first_conv.out_channels
+    assert torch.allclose(norm.running_mean, expected, atol=1e-4)
