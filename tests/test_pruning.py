@@ -214,11 +214,13 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     save_bundle(tmp_path / "bundle", model, card)
     main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
           "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
-          "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3"])
+          "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3",
+          "--batchnorm-images", "8"])
     assert "fewer" in capsys.readouterr().out
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
     assert report["calibration_counts"] == {c: 3 for c in classes}
+    assert report["settings"]["batchnorm_images"] == 8
     assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
     pruned = load_bundle(tmp_path / "pruned")
     assert pruned.card["architecture"]["channel_plan"]["modules"]["head"]["in_features"] < 16
