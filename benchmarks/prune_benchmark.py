@@ -174,12 +174,11 @@ def run(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             run_dir = out / f"{net}_{method}_{int(round(target * 100))}"
 
-            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders):
-                return train(m, loaders, counts, args, run_dir / f"stage{stage}", args.ft_epochs, args.ft_steps,
-                             args.ft_lr)
+            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders, epochs=args.ft_epochs):
+                return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr)
 
-            if method == "unpruned+ft":
-                tuned = fine_tune(copy.deepcopy(model), 1)
+            if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
+                tuned = fine_tune(copy.deepcopy(model), 1, epochs=args.ft_epochs * args.steps)
                 pruning.recalibrate_batchnorm(tuned, batchnorm)  # as every pruned net gets after its fine-tune
                 result = pruning.PruneResult(model=tuned, base_flops=pruning.count_flops(tuned, args.size),
                                              flops=pruning.count_flops(tuned, args.size))
