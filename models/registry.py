@@ -100,6 +100,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module] | str] = {
     "scmil": "models.scmil:build_scmil",
 }
 
+# Architectures with no pretrained weights at all (EfficientNet-B1..B7 refuse `pretrained=True` themselves).
+NO_PRETRAINED_WEIGHTS = frozenset({"vit", "small-cnn"})
+
 # Input normalisation each architecture was (pre)trained with; the bundle stores it for serving.
 NORMALIZATION = {name: LITE_NORMALIZATION for name in LITE_SPECS}
 
@@ -130,6 +133,9 @@ def build_model(
     if isinstance(builder, str):
         module_name, function = builder.split(":")
         builder = getattr(importlib.import_module(module_name), function)
+    if kwargs.get("pretrained") and name in NO_PRETRAINED_WEIGHTS and checkpoint is None:
+        log.warning("%s has no pretrained weights; it starts from a random initialisation (give a local checkpoint "
+                    "to start from your own weights)", name)
     model = builder(num_classes=num_classes, img_size=img_size, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))

@@ -117,3 +117,13 @@ def test_bundle_errors_name_the_problem(tmp_path):
         load_bundle(tmp_path)
     with pytest.raises(ValueError, match="class_names"):
         save_bundle(tmp_path / "x", torch.nn.Linear(2, 2), {"architecture": {}, "input_size": 1, "normalization": {}})
+
+
+def test_pretrained_request_for_a_net_without_weights_is_logged(caplog):
+    with caplog.at_level("WARNING", logger="models.registry"):
+        build_model("small-cnn", 3, 32, pretrained=True, widths=(8,))
+    assert "small-cnn has no pretrained weights" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="models.registry"):
+        build_model("small-cnn", 3, 32, pretrained=False, widths=(8,))
+    assert caplog.text == ""
