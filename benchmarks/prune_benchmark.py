@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from models import build_model  # noqa: E402
-from models.registry import default_normalization  # noqa: E402
+from models.registry import PRETRAINED_WEIGHTS, default_normalization  # noqa: E402
 from pipelines import pruning  # noqa: E402
 
 log = logging.getLogger("prune_benchmark")
@@ -111,11 +111,6 @@ def probs_file(out: Path, net: str, method: str, target: float) -> Path:
     return out / "probs" / f"{net}_{method}_{int(round(target * 100))}.npz"
 
 
-def pretrained_available(net: str) -> bool:
-    """ImageNet weights ship for EfficientNet-Lite; B0 is warm-started from Lite0 (models.efficientnet)."""
-    return net.startswith("efficientnet-lite") or net == "efficientnet-b0"
-
-
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -134,7 +129,7 @@ def run(args: argparse.Namespace) -> None:
         norm = default_normalization(net)
         loaders = make_loaders(splits, norm["mean"], norm["std"], args.batch_size, args.eval_limit)
         base_path = out / f"{net}_base.safetensors"
-        pretrained = args.pretrained and pretrained_available(net)
+        pretrained = args.pretrained and net in PRETRAINED_WEIGHTS
         model = build_model(net, num_classes=len(class_names), img_size=args.size, pretrained=pretrained)
         if base_path.is_file():
             from safetensors.torch import load_file
@@ -180,8 +175,8 @@ def run(args: argparse.Namespace) -> None:
             if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
                 tuned = fine_tune(copy.deepcopy(model), 1, epochs=args.ft_epochs * args.steps)
                 pruning.recalibrate_batchnorm(tuned, batchnorm)  # as every pruned net gets after its fine-tune
-                result = pruning.PruneResult(model=tuned, base_flops=pruning.count_flops(tuned, args.size),
-                                             flops=pruning.count_flops(tuned, args.size))
+                flops = pruning.count_flops(tuned, args.size)
+                result = pruning.PruneResult(model=tuned, base_flops=flops, flops=flops)
             else:
                 result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
                                                 calibration=calibration, steps=args.steps, fine_tune=fine_tune,

@@ -100,7 +100,9 @@ _BUILDERS: dict[str, Callable[..., nn.Module] | str] = {
     "scmil": "models.scmil:build_scmil",
 }
 
-# Architectures with no pretrained weights at all (EfficientNet-B1..B7 refuse `pretrained=True` themselves).
+# Architectures `pretrained=True` gives ImageNet-derived weights (B0: warm start from Lite0), and those with no
+# pretrained weights at all (EfficientNet-B1..B7 refuse `pretrained=True` themselves).
+PRETRAINED_WEIGHTS = frozenset({*LITE_SPECS, "efficientnet-b0"})
 NO_PRETRAINED_WEIGHTS = frozenset({"vit", "small-cnn"})
 
 # Input normalisation each architecture was (pre)trained with; the bundle stores it for serving.

@@ -467,13 +467,13 @@ def prune_to_flops(
                     for name, conv in conv_layers(model).items()}
     base_flops = count_flops(model, input_size)
     result = PruneResult(model=model, base_flops=base_flops, flops=base_flops)
+    norm_batches = batchnorm_batches if batchnorm_batches is not None else calibration
     for stage in range(1, steps + 1):
         target = base_flops * (1 - flops_reduction * stage / steps)
         started = time.perf_counter()
         importance.calibrate(model, calibration)
         ratio, _ = _search_ratio(model, importance, target, input_size, min_channels, global_pruning, max_layer_pruning)
         prune_once(model, importance, ratio, input_size, min_channels, global_pruning)
-        norm_batches = batchnorm_batches if batchnorm_batches is not None else calibration
         if norm_batches is not None:
             recalibrate_batchnorm(model, norm_batches, str(next(model.parameters()).device))
         flops = count_flops(model, input_size)
