@@ -22,6 +22,21 @@ class CliError(Exception):
     """A user error the CLI reports as one line (exit code 2)."""
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, example: str) -> None:
+    """What every config-driven command takes: --config, --run-dir and `section.field=value` overrides."""
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--run-dir")
+    parser.add_argument("overrides", nargs="*", help=f"section.field=value, e.g. {example}")
+
+
+def load_run_config(args: argparse.Namespace):
+    """The validated config (with overrides) of a command from `add_config_arguments`, and its run directory."""
+    from pipelines.config import load_config
+
+    config = load_config(args.config, args.overrides)
+    return config, Path(args.run_dir or config.run_dir)
+
+
 def _cmd_ingest(args: argparse.Namespace) -> None:
     from pipelines.manifest import grouped_split, ingest_class_folders, ingest_ham10000, write_manifest
 
@@ -38,11 +53,9 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
 
 
 def _cmd_run(args: argparse.Namespace) -> None:
-    from pipelines.config import load_config
     from pipelines.run import run_pipeline
 
-    config = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or config.run_dir)
+    config, run_dir = load_run_config(args)
     outputs = run_pipeline(config, run_dir)
     print(f"run directory: {run_dir}")
     for stage, result in outputs.items():
@@ -52,11 +65,9 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipelines.config import load_config
     from pipelines.run import run_pipeline, stage_ingest
 
-    config = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or config.run_dir)
+    config, run_dir = load_run_config(args)
     if config.mil is not None:
         run_pipeline(config.model_copy(update={"pruning": None, "balancing": None}), run_dir)
         print(f"MIL run written to {run_dir}")
@@ -121,16 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_ingest)
 
     p = sub.add_parser("run", help="run every stage the config enables, resuming a finished or killed run")
-    p.add_argument("--config", required=True)
-    p.add_argument("--run-dir")
-    p.add_argument("overrides", nargs="*", help="section.field=value")
+    add_config_arguments(p, "training.epochs=3 pruning.method=l1")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="train a classifier from a config (ingest + split + train)")
-    p.add_argument("--config", required=True)
-    p.add_argument("--run-dir")
+    add_config_arguments(p, "training.epochs=3")
     p.add_argument("--manifest", help="use this manifest instead of ingesting the config's data")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. training.epochs=3")
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle on a manifest (its test split) or a dataset folder")

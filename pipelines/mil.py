@@ -461,12 +461,12 @@ def predict_slides_cli(args: argparse.Namespace) -> None:
 
 
 def _cmd_mil_train(args: argparse.Namespace) -> None:
-    from pipelines.config import dump_config, load_config
+    from pipelines.cli import load_run_config
+    from pipelines.config import dump_config
 
-    config = load_config(args.config, args.overrides)
+    config, run_dir = load_run_config(args)
     if config.mil is None:
         raise ValueError(f"config '{args.config}' has no `mil:` section")
-    run_dir = Path(args.run_dir or config.run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     dump_config(config, run_dir / "config.yaml")
     outputs = run_mil_stage(config, run_dir, None)
@@ -495,10 +495,10 @@ def _cmd_tile(args: argparse.Namespace) -> None:
 
 def add_cli(subparsers) -> None:
     """Register `lesionlab mil-train` and `lesionlab tile`."""
+    from pipelines.cli import add_config_arguments
+
     p = subparsers.add_parser("mil-train", help="train an SC-MIL / ABMIL bag classifier from a config with `mil:`")
-    p.add_argument("--config", required=True)
-    p.add_argument("--run-dir")
-    p.add_argument("overrides", nargs="*", help="section.field=value, e.g. mil.method=abmil training.epochs=5")
+    add_config_arguments(p, "mil.method=abmil training.epochs=5")
     p.set_defaults(func=_cmd_mil_train)
 
     p = subparsers.add_parser("tile", help="tile H&E images / slides into tissue patches; write a bag manifest CSV")
