@@ -87,7 +87,8 @@ def make_loaders(splits: dict, mean, std, batch_size: int, eval_limit: int | Non
     return train, val, test
 
 
-def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float):
+def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float,
+          teacher=None):
     from pipelines.balancing import build_loss
     from pipelines.config import TrainSettings
     from pipelines.training import fit
@@ -96,7 +97,10 @@ def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: i
                              patience=epochs, max_steps_per_epoch=max_steps, device="cpu", seed=args.seed,
                              class_weighting="inverse", resume=False)
     loss = build_loss("ce", counts, weighting="inverse")
-    return fit(model, loaders[0], loaders[1], loss, settings, run_dir).model
+    distill = None
+    if teacher is not None and args.distill_weight > 0:
+        distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature)
+    return fit(model, loaders[0], loaders[1], loss, settings, run_dir, loss_forward=distill).model
 
 
 def evaluate(model, loader, class_names, minority, probs_path: Path) -> dict:
@@ -109,6 +113,55 @@ def evaluate(model, loader, class_names, minority, probs_path: Path) -> dict:
 
 def probs_file(out: Path, net: str, method: str, target: float) -> Path:
     return out / "probs" / f"{net}_{method}_{int(round(target * 100))}.npz"
+
+
+def save_row_model(out: Path, net: str, method: str, target: float, model) -> None:
+    """Weights + channel plan of a benchmarked net, so `--retime` can time every row again in one quiet pass."""
+    from safetensors.torch import save_file
+
+    from models.pruned import extract_channel_plan
+
+    stem = out / "models" / f"{net}_{method}_{int(round(target * 100))}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{stem}.safetensors")
+    Path(f"{stem}.plan.json").write_text(json.dumps(extract_channel_plan(model)))
+
+
+def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
+    """Batch-1 latency and batch-32 throughput at 224 px of every saved row, measured in interleaved rounds.
+
+    One round times every model once (`runs` batch-1 runs each), so a slow spell of the shared machine hits all
+    rows alike; each model's number is the median over rounds. Written to `retime.json`.
+    """
+    from safetensors.torch import load_file
+
+    from models.pruned import apply_channel_plan
+
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    models = {}
+    for r in rows:
+        stem = out / "models" / f"{r['net']}_{r['method']}_{int(round(r['target'] * 100))}"
+        if not Path(f"{stem}.safetensors").is_file():
+            log.warning("no saved model for %s %s %.0f%%; not re-timed", r["net"], r["method"], 100 * r["target"])
+            continue
+        model = build_model(r["net"], num_classes=num_classes, img_size=224, pretrained=False)
+        apply_channel_plan(model, json.loads(Path(f"{stem}.plan.json").read_text()))
+        model.load_state_dict(load_file(f"{stem}.safetensors"))
+        models[stem.name] = model.eval()
+    result = {}
+    for n_threads in threads:
+        torch.set_num_threads(n_threads)
+        per_round = {name: [] for name in models}
+        for _ in range(rounds):
+            for name, model in models.items():
+                per_round[name].append(pruning.measure_speed(model, 224, runs=runs, warmup=3))
+        result[str(n_threads)] = {name: {key: float(np.median([m[key] for m in measured]))
+                                         for key in ("latency_ms_p50", "throughput_images_per_s")}
+                                  for name, measured in per_round.items()}
+        log.info("%d threads: %s", n_threads,
+                 {k: round(v["latency_ms_p50"], 1) for k, v in result[str(n_threads)].items()})
+    (out / "retime.json").write_text(json.dumps({"rounds": rounds, "runs": runs, "by_threads": result}, indent=1))
+    return result
 
 
 def run(args: argparse.Namespace) -> None:
@@ -144,6 +197,7 @@ def run(args: argparse.Namespace) -> None:
             save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base_path))
             log.info("%s baseline trained in %.0f s", net, time.perf_counter() - started)
         if (net, 0.0, "none") not in done:
+            save_row_model(out, net, "none", 0.0, model)
             record = {"net": net, "target": 0.0, "method": "none", **pruning.measure_model(model, args.size),
                       "speed_224": pruning.measure_speed(model, 224, runs=args.speed_runs_224),
                       "test": evaluate(model, loaders[2], class_names, minority, probs_file(out, net, "none", 0))}
@@ -169,8 +223,11 @@ def run(args: argparse.Namespace) -> None:
             started = time.perf_counter()
             run_dir = out / f"{net}_{method}_{int(round(target * 100))}"
 
-            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders, epochs=args.ft_epochs):
-                return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr)
+            teacher = copy.deepcopy(model) if args.distill_weight > 0 else None  # the unpruned baseline
+
+            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders, epochs=args.ft_epochs, teacher=teacher):
+                return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr,
+                             teacher=teacher)
 
             if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
                 tuned = fine_tune(copy.deepcopy(model), 1, epochs=args.ft_epochs * args.steps)
@@ -180,8 +237,11 @@ def run(args: argparse.Namespace) -> None:
             else:
                 result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
                                                 calibration=calibration, steps=args.steps, fine_tune=fine_tune,
-                                                seed=args.seed, batchnorm_batches=batchnorm)
-            record = {"net": net, "target": target, "method": method,
+                                                seed=args.seed, batchnorm_batches=batchnorm,
+                                                round_to=args.round_to)
+            save_row_model(out, net, method, target, result.model)
+            record = {"net": net, "target": target, "method": method, "steps": args.steps,
+                      "ft_epochs": args.ft_epochs, "round_to": args.round_to, "distill_weight": args.distill_weight,
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
@@ -228,9 +288,14 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
 
     out = results_path.parent
     rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    retimed = {}  # the interleaved re-timing of `--retime`, when it ran, replaces each row's own 224 px timing
+    if (out / "retime.json").is_file():
+        retimed = json.loads((out / "retime.json").read_text())["by_threads"]
     nets = sorted({r["net"] for r in rows})
     fig, axes = plt.subplots(2, len(nets), figsize=(5 * len(nets), 7), squeeze=False)
-    lines = ["| net | method | target | FLOPs removed | params | MFLOPs | file KB | p50 ms (64/224 px) | img/s 224 "
+    speed_head = ("p50 ms 224 px, batch 1 (1 / 2 threads) | img/s 224 px, batch 32 (2 threads)" if retimed
+                  else "p50 ms (64/224 px) | img/s 224")
+    lines = [f"| net | method | target | FLOPs removed | params | MFLOPs | file KB | {speed_head} "
              "| bal. acc | Δ bal. acc, points [95 % CI] | mal. AUC | Δ mal. AUC, points [95 % CI] | minority recall "
              "| Δ vs unpruned+ft: bal. acc / mal. AUC |",
              "|" + "---|" * 15]
@@ -245,9 +310,16 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
             control_delta = bootstrap_against(out, net, r, class_names, "unpruned+ft") if r["target"] else None
             versus_control = "n/a" if control_delta is None else (
                 f"{_delta_cell(control_delta, 'balanced_accuracy')} / {_delta_cell(control_delta, 'malignant_auc')}")
+            key = f"{net}_{r['method']}_{int(round(r['target'] * 100))}"
+            if retimed and all(key in by for by in retimed.values()):
+                one, two = retimed.get("1", retimed[max(retimed)])[key], retimed[max(retimed)][key]
+                speed = (f"{one['latency_ms_p50']:.1f} / {two['latency_ms_p50']:.1f} | "
+                         f"{two['throughput_images_per_s']:.0f}")
+            else:
+                speed = (f"{r['latency_ms_p50']:.1f} / {r['speed_224']['latency_ms_p50']:.1f} | "
+                         f"{r['speed_224']['throughput_images_per_s']:.0f}")
             lines.append(f"| {net} | {r['method']} | {r['target']:.0%} | {removed:.1%} | {r['params'] / 1e6:.2f} M | "
-                         f"{r['flops'] / 1e6:.1f} | {r['file_bytes'] / 1024:.0f} | {r['latency_ms_p50']:.1f} / "
-                         f"{r['speed_224']['latency_ms_p50']:.1f} | {r['speed_224']['throughput_images_per_s']:.0f} | "
+                         f"{r['flops'] / 1e6:.1f} | {r['file_bytes'] / 1024:.0f} | {speed} | "
                          f"{t['balanced_accuracy']:.3f} | {_delta_cell(delta, 'balanced_accuracy')} | "
                          f"{t['malignant_auc']:.3f} | {_delta_cell(delta, 'malignant_auc')} | "
                          f"{t['minority_recall']:.3f} | {versus_control} |")
@@ -290,20 +362,32 @@ def main() -> None:
     parser.add_argument("--calib-per-class", type=int, default=16)
     parser.add_argument("--batchnorm-images", type=int, default=512,
                         help="random training images BatchNorm statistics are re-estimated on")
+    parser.add_argument("--round-to", type=int, default=None,
+                        help="keep multiples of this many channels per pruned layer (default: no rounding)")
+    parser.add_argument("--distill-weight", type=float, default=0.0,
+                        help="distillation from the unpruned baseline during every fine-tune (default 0: off)")
+    parser.add_argument("--distill-temperature", type=float, default=2.0)
     parser.add_argument("--speed-runs", type=int, default=50)
     parser.add_argument("--speed-runs-224", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrained", action="store_true",
                         help="start EfficientNet-Lite from ImageNet weights and B0 from ImageNet Lite0 weights")
     parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
+    parser.add_argument("--retime", action="store_true",
+                        help="only re-time every saved row at 224 px in interleaved rounds (retime.json)")
+    parser.add_argument("--retime-rounds", type=int, default=5)
+    parser.add_argument("--retime-threads", nargs="+", type=int, default=[1, 2])
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.plot:
+    if args.plot or args.retime:
         out = Path(args.out)
         from pipelines.manifest import ingest_ham10000
 
         class_names = sorted(ingest_ham10000(Path(args.data)).label.unique())
-        print(plot(out / "results.jsonl", out / "prune_benchmark.png", class_names))
+        if args.retime:
+            retime(out, len(class_names), args.retime_rounds, args.speed_runs_224, args.retime_threads)
+        if args.plot:
+            print(plot(out / "results.jsonl", out / "prune_benchmark.png", class_names))
         return
     run(args)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -215,12 +216,14 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
           "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
           "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3",
-          "--batchnorm-images", "8"])
+          "--batchnorm-images", "8", "--round-to", "1", "--distill-weight", "1", "--distill-temperature", "3"])
     assert "fewer" in capsys.readouterr().out
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
     assert report["calibration_counts"] == {c: 3 for c in classes}
     assert report["settings"]["batchnorm_images"] == 8
+    assert (report["settings"]["round_to"], report["settings"]["distill_weight"]) == (1, 1.0)
+    assert (report["settings"]["distill_temperature"]) == 3.0
     assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
     pruned = load_bundle(tmp_path / "pruned")
     assert pruned.card["architecture"]["channel_plan"]["modules"]["head"]["in_features"] < 16
@@ -228,6 +231,10 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--flops-reduction", "1.5"])
     assert code == 2 and "flops_reduction" in capsys.readouterr().err
+    code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+                 "--out", str(tmp_path / "x"), "--round-to", "0"])
+    assert code == 2 and "round_to" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
 
 
 def test_batchnorm_recalibration_matches_the_statistics_of_the_data():
@@ -265,3 +272,58 @@ def test_prune_to_flops_re_estimates_batchnorm_on_the_given_sample_after_the_fin
         expected = torch.cat([first_conv(x) for x in sample]).mean(dim=(0, 2, 3))
     assert norm.num_features == first_conv.out_channels
     assert torch.allclose(norm.running_mean, expected, atol=1e-4)
+
+
+def test_kept_channels_rounds_up_to_the_multiple_and_respects_the_floor():
+    assert pruning.kept_channels(32, 13, floor=4) == 13  # no rounding asked
+    assert pruning.kept_channels(32, 13, floor=4, round_to=8) == 16  # rounded up, never below what pruning keeps
+    assert pruning.kept_channels(32, 16, floor=4, round_to=8) == 16
+    assert pruning.kept_channels(32, 2, floor=4, round_to=8) == 8  # the floor first, then the rounding
+    assert pruning.kept_channels(8, 5, floor=1, round_to=8) == 8  # a layer of <= round_to filters stays whole
+    assert pruning.kept_channels(36, 33, floor=4, round_to=8) == 36  # never more than the layer has
+
+
+def test_round_to_prunes_efficientnet_b0_to_multiples_of_8_and_still_reaches_the_flops_target():
+    torch.manual_seed(0)
+    model = build_model("efficientnet-b0", num_classes=7, img_size=32).eval()
+    original = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
+    result = pruning.prune_to_flops(model, "l1", 0.5, 32, round_to=8)
+    assert 0.5 <= result.flops_reduction < 0.53  # the ratio search compensates for the rounding up
+    convs = pruning.conv_layers(result.model)
+    changed = [n for n, c in convs.items() if c.out_channels != original[n]]
+    assert len(changed) > 30  # most layers were pruned ...
+    for name in changed:  # ... and each to a multiple of 8
+        assert convs[name].out_channels % 8 == 0, (name, convs[name].out_channels)
+    for name, conv in convs.items():
+        if original[name] <= 8 and name.endswith("_se_reduce"):
+            assert conv.out_channels == original[name], name  # squeeze layers of <= 8 filters stay whole
+    assert result.model(torch.randn(2, 3, 48, 48)).shape == (2, 7)
+
+
+def test_distillation_loss_adds_the_tempered_kl_to_the_task_loss_and_freezes_the_teacher():
+    torch.manual_seed(0)
+    teacher, student = nn.Linear(5, 3), nn.Linear(5, 3)
+    x, y = torch.randn(6, 5), torch.tensor([0, 1, 2, 0, 1, 2])
+    ce = nn.CrossEntropyLoss(weight=torch.tensor([1.0, 2.0, 4.0]))
+    forward = pruning.distillation_loss(teacher, ce, weight=0.5, temperature=2.0)
+    got = forward(student, (x, y), 0)
+    p_t = torch.softmax(teacher(x) / 2, 1)
+    log_p_s = torch.log_softmax(student(x) / 2, 1)
+    kl = (p_t * (p_t.log() - log_p_s)).sum(1).mean()
+    assert torch.allclose(got, ce(student(x), y) + 0.5 * 4 * kl, atol=1e-6)
+    assert not any(p.requires_grad for p in teacher.parameters())
+    # a student equal to its teacher pays only the task loss; weight 0 is the task loss alone
+    twin = copy.deepcopy(teacher).requires_grad_(True)
+    assert torch.allclose(forward(twin, (x, y), 0), ce(twin(x), y), atol=1e-6)
+    assert torch.allclose(pruning.distillation_loss(teacher, ce, 0.0)(student, (x, y), 0), ce(student(x), y))
+    # the gradient of the distillation term pulls the student's outputs towards the teacher's
+    only_kd = pruning.distillation_loss(teacher, lambda logits, labels: logits.sum() * 0, weight=1.0)
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.5)
+    before = only_kd(student, (x, y), 0).item()
+    for _ in range(20):
+        optimizer.zero_grad()
+        only_kd(student, (x, y), 0).backward()
+        optimizer.step()
+    assert only_kd(student, (x, y), 0).item() < 0.5 * before
+    with pytest.raises(ValueError, match="temperature"):
+        pruning.distillation_loss(teacher, ce, 1.0, temperature=0)
