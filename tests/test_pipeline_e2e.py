@@ -1,4 +1,4 @@
-"""The whole DermaFlux chain through `lesionlab run`: caption -> LoRA fine-tune -> synthesize -> train."""
+"""The whole DermaFlux chain through `lesionlab run`: caption -> LoRA fine-tune -> synthesize -> train -> prune."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import yaml
 from pipelines.cli import main
 
 
-def test_caption_finetune_synthesize_train_in_one_run(small_manifest, tmp_path):
+def test_caption_finetune_synthesize_train_prune_in_one_run(small_manifest, tmp_path):
     from pipelines.tiny_flux import save_tiny_flux
 
     torch.set_num_threads(1)  # tiny FLUX steps are faster single-threaded on 2 cores
@@ -32,13 +32,16 @@ def test_caption_finetune_synthesize_train_in_one_run(small_manifest, tmp_path):
                       "num_inference_steps": 2, "max_sequence_length": 32},
         "model": {"name": "small-cnn", "img_size": 32, "pretrained": False, "kwargs": {"widths": [8]}},
         "training": {"epochs": 1, "batch_size": 16, "device": "cpu"},
+        "pruning": {"method": "beta-rank", "flops_reduction": 0.3, "steps": 1, "fine_tune_epochs": 1,
+                    "max_steps_per_epoch": 1, "calibration_per_class": 2, "batchnorm_images": 8, "speed_runs": 2,
+                    "round_to": 1, "distill_weight": 1.0},
     }
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(config))
     assert main(["run", "--config", str(path)]) == 0
 
     stages = {p.stem for p in (run_dir / "stages").glob("*.json")}
-    assert stages == {"ingest", "captions", "lora", "synthesis", "train"}
+    assert stages == {"ingest", "captions", "lora", "synthesis", "train", "pruning"}
     assert (run_dir / "lora" / "pytorch_lora_weights.safetensors").is_file()
     manifest = pd.read_csv(run_dir / "manifest_synthetic.csv", keep_default_na=False)
     synthetic = manifest[manifest.source == "synthetic"]
@@ -51,3 +54,13 @@ def test_caption_finetune_synthesize_train_in_one_run(small_manifest, tmp_path):
     assert card["training"]["images"] == (manifest.split == "train").sum()
     report = (run_dir / "report" / "report.md").read_text()
     assert "| class | real | synthetic |" in report
+    # the pruning stage: a smaller bundle that loads like any other, with its report
+    from models import load_bundle
+    from pipelines.pruning import count_flops
+
+    pruned = load_bundle(run_dir / "bundle_pruned")
+    prune_report = json.loads((run_dir / "bundle_pruned" / "pruning_report.json").read_text())
+    assert prune_report["settings"]["distill_weight"] == 1.0
+    assert count_flops(pruned.model, 32) == prune_report["after"]["flops"] < 0.75 * prune_report["before"]["flops"]
+    assert pruned.card["pruning"]["method"] == "beta-rank"
+    assert (run_dir / "bundle_pruned" / "pruning_report.md").is_file()
