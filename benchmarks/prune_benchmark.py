@@ -98,7 +98,7 @@ def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: i
                              class_weighting="inverse", resume=False)
     loss = build_loss("ce", counts, weighting="inverse")
     distill = None
-    if teacher is not None and args.distill_weight > 0:
+    if teacher is not None:
         distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature)
     return fit(model, loaders[0], loaders[1], loss, settings, run_dir, loss_forward=distill).model
 
@@ -111,8 +111,13 @@ def evaluate(model, loader, class_names, minority, probs_path: Path) -> dict:
     return pruning.accuracy_report(y, probs, class_names, MALIGNANT, minority)
 
 
+def row_name(net: str, method: str, target: float) -> str:
+    """The name of one benchmark row's run folder, probabilities and saved weights."""
+    return f"{net}_{method}_{int(round(target * 100))}"
+
+
 def probs_file(out: Path, net: str, method: str, target: float) -> Path:
-    return out / "probs" / f"{net}_{method}_{int(round(target * 100))}.npz"
+    return out / "probs" / f"{row_name(net, method, target)}.npz"
 
 
 def save_row_model(out: Path, net: str, method: str, target: float, model) -> None:
@@ -121,7 +126,7 @@ def save_row_model(out: Path, net: str, method: str, target: float, model) -> No
 
     from models.pruned import extract_channel_plan
 
-    stem = out / "models" / f"{net}_{method}_{int(round(target * 100))}"
+    stem = out / "models" / row_name(net, method, target)
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{stem}.safetensors")
     Path(f"{stem}.plan.json").write_text(json.dumps(extract_channel_plan(model)))
@@ -140,7 +145,7 @@ def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[in
     rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     models = {}
     for r in rows:
-        stem = out / "models" / f"{r['net']}_{r['method']}_{int(round(r['target'] * 100))}"
+        stem = out / "models" / row_name(r["net"], r["method"], r["target"])
         if not Path(f"{stem}.safetensors").is_file():
             log.warning("no saved model for %s %s %.0f%%; not re-timed", r["net"], r["method"], 100 * r["target"])
             continue
@@ -212,18 +217,17 @@ def run(args: argparse.Namespace) -> None:
         # BatchNorm statistics are re-estimated on a random (not class-balanced) training sample
         sample = rng.permutation(len(calib_y))[: args.batchnorm_images]
         norm_ds = ArrayDataset(calib_x[sample], calib_y[sample], norm["mean"], norm["std"], False)
+        teacher = copy.deepcopy(model) if args.distill_weight > 0 else None  # the unpruned baseline, frozen
         nets[net] = (model, loaders, [x for x, _ in DataLoader(calib_ds, batch_size=32)],
-                     [x for x, _ in DataLoader(norm_ds, batch_size=64)])
+                     [x for x, _ in DataLoader(norm_ds, batch_size=64)], teacher)
     # phase 2: the unpruned fine-tune control, then the grid, most informative target first
     grid = [(0.0, "unpruned+ft")] + [(target, method) for target in args.targets for method in args.methods]
     for target, method in grid:
-        for net, (model, loaders, calibration, batchnorm) in nets.items():
+        for net, (model, loaders, calibration, batchnorm, teacher) in nets.items():
             if (net, target, method) in done:
                 continue
             started = time.perf_counter()
-            run_dir = out / f"{net}_{method}_{int(round(target * 100))}"
-
-            teacher = copy.deepcopy(model) if args.distill_weight > 0 else None  # the unpruned baseline
+            run_dir = out / row_name(net, method, target)
 
             def fine_tune(m, stage, run_dir=run_dir, loaders=loaders, epochs=args.ft_epochs, teacher=teacher):
                 return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr,
@@ -310,7 +314,7 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
             control_delta = bootstrap_against(out, net, r, class_names, "unpruned+ft") if r["target"] else None
             versus_control = "n/a" if control_delta is None else (
                 f"{_delta_cell(control_delta, 'balanced_accuracy')} / {_delta_cell(control_delta, 'malignant_auc')}")
-            key = f"{net}_{r['method']}_{int(round(r['target'] * 100))}"
+            key = row_name(net, r["method"], r["target"])
             if retimed and all(key in by for by in retimed.values()):
                 one, two = retimed.get("1", retimed[max(retimed)])[key], retimed[max(retimed)][key]
                 speed = (f"{one['latency_ms_p50']:.1f} / {two['latency_ms_p50']:.1f} | "
