@@ -132,27 +132,37 @@ def save_row_model(out: Path, net: str, method: str, target: float, model) -> No
     Path(f"{stem}.plan.json").write_text(json.dumps(extract_channel_plan(model)))
 
 
+def load_row_model(out: Path, row: dict, num_classes: int) -> torch.nn.Module | None:
+    """The saved weights of a benchmark row rebuilt at 224 px (None when the row's model was not saved)."""
+    from safetensors.torch import load_file
+
+    from models.pruned import apply_channel_plan
+
+    stem = out / "models" / row_name(row["net"], row["method"], row["target"])
+    if not Path(f"{stem}.safetensors").is_file():
+        log.warning("no saved model for %s %s %.0f%%; not timed", row["net"], row["method"], 100 * row["target"])
+        return None
+    model = build_model(row["net"], num_classes=num_classes, img_size=224, pretrained=False)
+    apply_channel_plan(model, json.loads(Path(f"{stem}.plan.json").read_text()))
+    model.load_state_dict(load_file(f"{stem}.safetensors"))
+    return model.eval()
+
+
+def _rows(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
 def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
     """Batch-1 latency and batch-32 throughput at 224 px of every saved row, measured in interleaved rounds.
 
     One round times every model once (`runs` batch-1 runs each), so a slow spell of the shared machine hits all
     rows alike; each model's number is the median over rounds. Written to `retime.json`.
     """
-    from safetensors.torch import load_file
-
-    from models.pruned import apply_channel_plan
-
-    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     models = {}
-    for r in rows:
-        stem = out / "models" / row_name(r["net"], r["method"], r["target"])
-        if not Path(f"{stem}.safetensors").is_file():
-            log.warning("no saved model for %s %s %.0f%%; not re-timed", r["net"], r["method"], 100 * r["target"])
-            continue
-        model = build_model(r["net"], num_classes=num_classes, img_size=224, pretrained=False)
-        apply_channel_plan(model, json.loads(Path(f"{stem}.plan.json").read_text()))
-        model.load_state_dict(load_file(f"{stem}.safetensors"))
-        models[stem.name] = model.eval()
+    for r in _rows(out):
+        model = load_row_model(out, r, num_classes)
+        if model is not None:
+            models[row_name(r["net"], r["method"], r["target"])] = model
     result = {}
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -167,6 +177,84 @@ def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[in
                  {k: round(v["latency_ms_p50"], 1) for k, v in result[str(n_threads)].items()})
     (out / "retime.json").write_text(json.dumps({"rounds": rounds, "runs": runs, "by_threads": result}, indent=1))
     return result
+
+
+SERVING_CONDITIONS = ("fresh", "warm", "frozen")
+
+
+def serving_latency(model: torch.nn.Module, runs: int) -> dict[str, float]:
+    """Batch-1 p50 latency (ms, 224 px) of `model` in three serving conditions, in this order, in one process:
+
+    - "fresh": a process that has only ever run batch 1 (a server's first requests);
+    - "warm": after one batch-32 forward. glibc malloc then serves the large activations from its heap instead of
+      fresh mmap pages (its mmap threshold rises when a large block is freed), which spares page faults;
+    - "frozen": warm, and the model traced and frozen with TorchScript, which folds BatchNorm into the convolutions.
+    Raises if the frozen model's outputs differ from the eager model's.
+    """
+    x = torch.randn(1, 3, 224, 224)
+
+    def p50(fn) -> float:
+        for _ in range(3):
+            fn(x)
+        times = []
+        for _ in range(runs):
+            started = time.perf_counter()
+            fn(x)
+            times.append(time.perf_counter() - started)
+        return 1000 * float(np.median(times))
+
+    with torch.no_grad():
+        result = {"fresh": p50(model)}
+        model(torch.randn(32, 3, 224, 224))
+        result["warm"] = p50(model)
+        frozen = torch.jit.freeze(torch.jit.trace(model, x))
+        if not torch.allclose(frozen(x), model(x), atol=1e-3, rtol=1e-3):
+            raise RuntimeError("the frozen model's outputs differ from the eager model's")
+        result["frozen"] = p50(frozen)
+    return result
+
+
+def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
+    """`serving_latency` of every saved row, each measurement in its own new process (so "fresh" is fresh), in
+    interleaved rounds whose order rotates; each number is the median over rounds. Written to
+    `serving_retime.json` with every round's values."""
+    import subprocess
+
+    names = [row_name(r["net"], r["method"], r["target"]) for r in _rows(out)
+             if Path(out / "models" / f"{row_name(r['net'], r['method'], r['target'])}.safetensors").is_file()]
+    measured = {str(t): {name: [] for name in names} for t in threads}
+    for round_ in range(rounds):
+        # rotate the order every round, so that no row is always the first one after a change of thread count
+        for n_threads in threads[round_ % len(threads):] + threads[:round_ % len(threads)]:
+            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+                done = subprocess.run([sys.executable, __file__, data, "--out", str(out), "--serve-one", name,
+                                       "--serve-threads", str(n_threads), "--serve-classes", str(num_classes),
+                                       "--speed-runs-224", str(runs)],
+                                      check=True, capture_output=True, text=True)
+                measured[str(n_threads)][name].append(json.loads(done.stdout.strip().splitlines()[-1]))
+        log.info("serving round %d/%d done", round_ + 1, rounds)
+    result = {t: {name: {c: float(np.median([m[c] for m in per])) for c in SERVING_CONDITIONS}
+                  for name, per in by_name.items()} for t, by_name in measured.items()}
+    (out / "serving_retime.json").write_text(json.dumps({"rounds": rounds, "runs": runs, "by_threads": result,
+                                                         "per_round": measured}, indent=1))
+    return result
+
+
+def serving_table(out: Path) -> str:
+    """Markdown: each row's serving latencies and its speed-up over the unpruned baseline, per condition."""
+    timed = json.loads((out / "serving_retime.json").read_text())["by_threads"]
+    lines = ["| threads | net | method | target | " + " | ".join(f"{c} ms (speed-up)" for c in SERVING_CONDITIONS)
+             + " |", "|" + "---|" * (4 + len(SERVING_CONDITIONS))]
+    for t, by_name in timed.items():
+        for r in _rows(out):
+            name = row_name(r["net"], r["method"], r["target"])
+            if name not in by_name:
+                continue
+            base = by_name.get(row_name(r["net"], "none", 0.0))
+            cells = [f"{by_name[name][c]:.1f} ({base[c] / by_name[name][c]:.2f}x)" if base else
+                     f"{by_name[name][c]:.1f}" for c in SERVING_CONDITIONS]
+            lines.append(f"| {t} | {r['net']} | {r['method']} | {r['target']:.0%} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -242,10 +330,11 @@ def run(args: argparse.Namespace) -> None:
                 result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
                                                 calibration=calibration, steps=args.steps, fine_tune=fine_tune,
                                                 seed=args.seed, batchnorm_batches=batchnorm,
-                                                round_to=args.round_to)
+                                                round_to=args.round_to, global_pruning=args.global_pruning)
             save_row_model(out, net, method, target, result.model)
             record = {"net": net, "target": target, "method": method, "steps": args.steps,
-                      "ft_epochs": args.ft_epochs, "round_to": args.round_to, "distill_weight": args.distill_weight,
+                      "ft_epochs": args.ft_epochs, "round_to": args.round_to,
+                      "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
@@ -368,6 +457,8 @@ def main() -> None:
                         help="random training images BatchNorm statistics are re-estimated on")
     parser.add_argument("--round-to", type=int, default=None,
                         help="keep multiples of this many channels per pruned layer (default: no rounding)")
+    parser.add_argument("--global", dest="global_pruning", action="store_true",
+                        help="rank filters across all layers (default: the same ratio in every layer)")
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="distillation from the unpruned baseline during every fine-tune (default 0: off)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
@@ -381,15 +472,31 @@ def main() -> None:
                         help="only re-time every saved row at 224 px in interleaved rounds (retime.json)")
     parser.add_argument("--retime-rounds", type=int, default=5)
     parser.add_argument("--retime-threads", nargs="+", type=int, default=[1, 2])
+    parser.add_argument("--serving", action="store_true",
+                        help="only time every saved row's batch-1 serving latency fresh, warm and frozen, each in a "
+                             "new process (serving_retime.json, table printed)")
+    parser.add_argument("--serve-one", help=argparse.SUPPRESS)  # the child process of --serving: one saved row
+    parser.add_argument("--serve-threads", type=int, default=1, help=argparse.SUPPRESS)
+    parser.add_argument("--serve-classes", type=int, default=7, help=argparse.SUPPRESS)
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    if args.plot or args.retime:
+    if args.serve_one:
+        torch.set_num_threads(args.serve_threads)
+        row = next(r for r in _rows(Path(args.out)) if row_name(r["net"], r["method"], r["target"]) == args.serve_one)
+        model = load_row_model(Path(args.out), row, args.serve_classes)
+        print(json.dumps(serving_latency(model, args.speed_runs_224)))
+        return
+    if args.plot or args.retime or args.serving:
         out = Path(args.out)
         from pipelines.manifest import ingest_ham10000
 
         class_names = sorted(ingest_ham10000(Path(args.data)).label.unique())
         if args.retime:
             retime(out, len(class_names), args.retime_rounds, args.speed_runs_224, args.retime_threads)
+        if args.serving:
+            serving_retime(out, args.data, len(class_names), args.retime_rounds, args.speed_runs_224,
+                           args.retime_threads)
+            print(serving_table(out))
         if args.plot:
             print(plot(out / "results.jsonl", out / "prune_benchmark.png", class_names))
         return
