@@ -327,3 +327,34 @@ def test_distillation_loss_adds_the_tempered_kl_to_the_task_loss_and_freezes_the
     assert only_kd(student, (x, y), 0).item() < 0.5 * before
     with pytest.raises(ValueError, match="temperature"):
         pruning.distillation_loss(teacher, ce, 1.0, temperature=0)
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("prune_benchmark", ROOT / "benchmarks" / "prune_benchmark.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_serving_latency_times_three_conditions_and_rejects_a_frozen_model_that_differs():
+    bench = _benchmark_module()
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
+                        nn.Flatten(), nn.Linear(8, 2)).eval()
+    timed = bench.serving_latency(net, runs=3)
+    assert set(timed) == set(bench.SERVING_CONDITIONS)
+    assert all(v > 0 for v in timed.values())
+
+    class Drifting(nn.Module):  # what tracing records (a constant) is not what eager mode computes
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            return x.mean(dim=(2, 3)) * self.calls
+
+    with pytest.raises(RuntimeError, match="frozen model's outputs differ"):
+        bench.serving_latency(Drifting().eval(), runs=1)
