@@ -116,8 +116,18 @@ def row_name(net: str, method: str, target: float) -> str:
     return f"{net}_{method}_{int(round(target * 100))}"
 
 
+def row_key(row: dict) -> str:
+    """`row_name` of a results.jsonl row."""
+    return row_name(row["net"], row["method"], row["target"])
+
+
 def probs_file(out: Path, net: str, method: str, target: float) -> Path:
     return out / "probs" / f"{row_name(net, method, target)}.npz"
+
+
+def row_model_stem(out: Path, name: str) -> Path:
+    """Where a row's weights (`.safetensors`) and channel plan (`.plan.json`) are saved, without the suffix."""
+    return out / "models" / name
 
 
 def save_row_model(out: Path, net: str, method: str, target: float, model) -> None:
@@ -126,30 +136,39 @@ def save_row_model(out: Path, net: str, method: str, target: float, model) -> No
 
     from models.pruned import extract_channel_plan
 
-    stem = out / "models" / row_name(net, method, target)
+    stem = row_model_stem(out, row_name(net, method, target))
     stem.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, f"{stem}.safetensors")
     Path(f"{stem}.plan.json").write_text(json.dumps(extract_channel_plan(model)))
 
 
-def load_row_model(out: Path, row: dict, num_classes: int) -> torch.nn.Module | None:
-    """The saved weights of a benchmark row rebuilt at 224 px (None when the row's model was not saved)."""
+def read_rows(out: Path) -> list[dict]:
+    """The rows of `out`/results.jsonl, one finished (net, target, method) each."""
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def saved_rows(out: Path) -> dict[str, dict]:
+    """The results.jsonl rows whose weights were saved, by `row_key` (the others are logged and left out)."""
+    rows = {}
+    for row in read_rows(out):
+        if Path(f"{row_model_stem(out, row_key(row))}.safetensors").is_file():
+            rows[row_key(row)] = row
+        else:
+            log.warning("no saved model for %s %s %.0f%%; not timed", row["net"], row["method"], 100 * row["target"])
+    return rows
+
+
+def load_row_model(out: Path, row: dict, num_classes: int) -> torch.nn.Module:
+    """The saved weights of a benchmark row (one of `saved_rows`) rebuilt at 224 px."""
     from safetensors.torch import load_file
 
     from models.pruned import apply_channel_plan
 
-    stem = out / "models" / row_name(row["net"], row["method"], row["target"])
-    if not Path(f"{stem}.safetensors").is_file():
-        log.warning("no saved model for %s %s %.0f%%; not timed", row["net"], row["method"], 100 * row["target"])
-        return None
+    stem = row_model_stem(out, row_key(row))
     model = build_model(row["net"], num_classes=num_classes, img_size=224, pretrained=False)
     apply_channel_plan(model, json.loads(Path(f"{stem}.plan.json").read_text()))
     model.load_state_dict(load_file(f"{stem}.safetensors"))
     return model.eval()
-
-
-def _rows(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
 
 
 def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
@@ -158,11 +177,7 @@ def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[in
     One round times every model once (`runs` batch-1 runs each), so a slow spell of the shared machine hits all
     rows alike; each model's number is the median over rounds. Written to `retime.json`.
     """
-    models = {}
-    for r in _rows(out):
-        model = load_row_model(out, r, num_classes)
-        if model is not None:
-            models[row_name(r["net"], r["method"], r["target"])] = model
+    models = {name: load_row_model(out, row, num_classes) for name, row in saved_rows(out).items()}
     result = {}
     for n_threads in threads:
         torch.set_num_threads(n_threads)
@@ -193,15 +208,8 @@ def serving_latency(model: torch.nn.Module, runs: int) -> dict[str, float]:
     """
     x = torch.randn(1, 3, 224, 224)
 
-    def p50(fn) -> float:
-        for _ in range(3):
-            fn(x)
-        times = []
-        for _ in range(runs):
-            started = time.perf_counter()
-            fn(x)
-            times.append(time.perf_counter() - started)
-        return 1000 * float(np.median(times))
+    def p50(forward) -> float:
+        return float(np.median(pruning.latencies_ms(forward, x, runs, warmup=3)))
 
     with torch.no_grad():
         result = {"fresh": p50(model)}
@@ -220,8 +228,7 @@ def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: in
     `serving_retime.json` with every round's values."""
     import subprocess
 
-    names = [row_name(r["net"], r["method"], r["target"]) for r in _rows(out)
-             if Path(out / "models" / f"{row_name(r['net'], r['method'], r['target'])}.safetensors").is_file()]
+    names = list(saved_rows(out))
     measured = {str(t): {name: [] for name in names} for t in threads}
     for round_ in range(rounds):
         # rotate the order every round, so that no row is always the first one after a change of thread count
@@ -243,11 +250,12 @@ def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: in
 def serving_table(out: Path) -> str:
     """Markdown: each row's serving latencies and its speed-up over the unpruned baseline, per condition."""
     timed = json.loads((out / "serving_retime.json").read_text())["by_threads"]
+    rows = read_rows(out)
     lines = ["| threads | net | method | target | " + " | ".join(f"{c} ms (speed-up)" for c in SERVING_CONDITIONS)
              + " |", "|" + "---|" * (4 + len(SERVING_CONDITIONS))]
     for t, by_name in timed.items():
-        for r in _rows(out):
-            name = row_name(r["net"], r["method"], r["target"])
+        for r in rows:
+            name = row_key(r)
             if name not in by_name:
                 continue
             base = by_name.get(row_name(r["net"], "none", 0.0))
@@ -268,7 +276,7 @@ def run(args: argparse.Namespace) -> None:
     results_path = out / "results.jsonl"
     done = set()
     if results_path.is_file():
-        done = {(r["net"], r["target"], r["method"]) for r in map(json.loads, results_path.read_text().splitlines())}
+        done = {(r["net"], r["target"], r["method"]) for r in read_rows(out)}
     calib_x, calib_y = splits["train"]
     nets = {}
     for net in args.nets:  # phase 1: every baseline (trained once, cached)
@@ -380,7 +388,7 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
     import matplotlib.pyplot as plt
 
     out = results_path.parent
-    rows = [json.loads(line) for line in results_path.read_text().splitlines()]
+    rows = read_rows(out)
     retimed = {}  # the interleaved re-timing of `--retime`, when it ran, replaces each row's own 224 px timing
     if (out / "retime.json").is_file():
         retimed = json.loads((out / "retime.json").read_text())["by_threads"]
@@ -403,7 +411,7 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
             control_delta = bootstrap_against(out, net, r, class_names, "unpruned+ft") if r["target"] else None
             versus_control = "n/a" if control_delta is None else (
                 f"{_delta_cell(control_delta, 'balanced_accuracy')} / {_delta_cell(control_delta, 'malignant_auc')}")
-            key = row_name(net, r["method"], r["target"])
+            key = row_key(r)
             if retimed and all(key in by for by in retimed.values()):
                 one, two = retimed.get("1", retimed[max(retimed)])[key], retimed[max(retimed)][key]
                 speed = (f"{one['latency_ms_p50']:.1f} / {two['latency_ms_p50']:.1f} | "
@@ -482,8 +490,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.serve_one:
         torch.set_num_threads(args.serve_threads)
-        row = next(r for r in _rows(Path(args.out)) if row_name(r["net"], r["method"], r["target"]) == args.serve_one)
-        model = load_row_model(Path(args.out), row, args.serve_classes)
+        model = load_row_model(Path(args.out), saved_rows(Path(args.out))[args.serve_one], args.serve_classes)
         print(json.dumps(serving_latency(model, args.speed_runs_224)))
         return
     if args.plot or args.retime or args.serving:

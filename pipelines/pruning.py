@@ -547,19 +547,25 @@ def distillation_loss(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def measure_speed(model: nn.Module, input_size: int, runs: int = 50, batch: int = 32, warmup: int = 5) -> dict:
-    """CPU latency at batch 1 (p50 and p90 of `runs` runs, ms) and throughput at `batch` (images/s)."""
-    model = model.eval()
-    x1 = torch.randn(1, 3, input_size, input_size)
-    xb = torch.randn(batch, 3, input_size, input_size)
+def latencies_ms(forward: Callable[[torch.Tensor], Any], x: torch.Tensor, runs: int, warmup: int) -> np.ndarray:
+    """Wall time (ms) of each of `runs` calls `forward(x)`, after `warmup` untimed calls (no autograd)."""
     times = []
     with torch.no_grad():
         for _ in range(warmup):
-            model(x1)
+            forward(x)
         for _ in range(runs):
             started = time.perf_counter()
-            model(x1)
+            forward(x)
             times.append(time.perf_counter() - started)
+    return 1000 * np.asarray(times)
+
+
+def measure_speed(model: nn.Module, input_size: int, runs: int = 50, batch: int = 32, warmup: int = 5) -> dict:
+    """CPU latency at batch 1 (p50 and p90 of `runs` runs, ms) and throughput at `batch` (images/s)."""
+    model = model.eval()
+    xb = torch.randn(batch, 3, input_size, input_size)
+    times = latencies_ms(model, torch.randn(1, 3, input_size, input_size), runs, warmup)
+    with torch.no_grad():
         model(xb)
         started = time.perf_counter()
         repeats = 3
@@ -567,8 +573,8 @@ def measure_speed(model: nn.Module, input_size: int, runs: int = 50, batch: int 
             model(xb)
         throughput = repeats * batch / (time.perf_counter() - started)
     return {
-        "latency_ms_p50": 1000 * float(np.percentile(times, 50)),
-        "latency_ms_p90": 1000 * float(np.percentile(times, 90)),
+        "latency_ms_p50": float(np.percentile(times, 50)),
+        "latency_ms_p90": float(np.percentile(times, 90)),
         "throughput_images_per_s": float(throughput),
         "torch_threads": torch.get_num_threads(),
     }
