@@ -222,6 +222,12 @@ def serving_latency(model: torch.nn.Module, runs: int) -> dict[str, float]:
     return result
 
 
+def _rotated(items: list, shift: int) -> list:
+    """`items` rotated left by `shift` places (modulo its length)."""
+    shift %= len(items)
+    return items[shift:] + items[:shift]
+
+
 def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
     """`serving_latency` of every saved row, each measurement in its own new process (so "fresh" is fresh), in
     interleaved rounds whose order rotates; each number is the median over rounds. Written to
@@ -232,8 +238,8 @@ def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: in
     measured = {str(t): {name: [] for name in names} for t in threads}
     for round_ in range(rounds):
         # rotate the order every round, so that no row is always the first one after a change of thread count
-        for n_threads in threads[round_ % len(threads):] + threads[:round_ % len(threads)]:
-            for name in names[round_ % len(names):] + names[:round_ % len(names)]:
+        for n_threads in _rotated(threads, round_):
+            for name in _rotated(names, round_):
                 done = subprocess.run([sys.executable, __file__, data, "--out", str(out), "--serve-one", name,
                                        "--serve-threads", str(n_threads), "--serve-classes", str(num_classes),
                                        "--speed-runs-224", str(runs)],
