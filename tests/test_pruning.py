@@ -329,10 +329,10 @@ def test_distillation_loss_adds_the_tempered_kl_to_the_task_loss_and_freezes_the
         pruning.distillation_loss(teacher, ce, 1.0, temperature=0)
 
 
-def _benchmark_module():
+def _benchmark_module(name: str = "prune_benchmark"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("prune_benchmark", ROOT / "benchmarks" / "prune_benchmark.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -358,3 +358,24 @@ def test_serving_latency_times_three_conditions_and_rejects_a_frozen_model_that_
 
     with pytest.raises(RuntimeError, match="frozen model's outputs differ"):
         bench.serving_latency(Drifting().eval(), runs=1)
+
+
+def test_latency_profile_rounds_plans_to_wider_blocks_and_splits_a_pass_into_stages_that_add_up():
+    profile = _benchmark_module("latency_profile")
+    model = build_model("efficientnet-b0", num_classes=3, img_size=32, pretrained=False)
+    original = extract_channel_plan(model)["modules"]
+    plan = profile.round_plan(extract_channel_plan(model), 16)
+    convs = {name: spec for name, spec in plan["modules"].items() if spec["type"] == "conv"}
+    squeeze = {name for name in convs if name.endswith("_se_reduce")}
+    assert {original[name]["out_channels"] for name in convs} >= {24, 40}  # B0's widths off the 16-grid
+    assert all(convs[name]["out_channels"] % 16 == 0 for name in set(convs) - squeeze)
+    assert all(convs[name]["out_channels"] == 32 for name in convs if original[name]["out_channels"] == 24)
+    assert {convs[name]["out_channels"] for name in squeeze} == {original[name]["out_channels"] for name in squeeze}
+    assert {convs[name]["out_channels"] for name in squeeze} >= {20, 28}  # squeeze bottlenecks keep their width
+    wider = apply_channel_plan(build_model("efficientnet-b0", num_classes=3, img_size=32, pretrained=False), plan)
+    assert wider(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    passes = profile.timed_passes(wider.eval(), runs=2, size=32, warm_batch=2)
+    assert len(passes) == 2 and list(passes[0])[:2] == ["stem", "stage 0"] and "head" in passes[0]
+    for split in passes:
+        assert all(v > 0 for v in split.values())
+        assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=1e-6)
