@@ -86,6 +86,20 @@ class StageClock:
         return {**parts, "total": 1000 * (stamps[-1] - stamps[0])}
 
 
+def stage_mflops(model: torch.nn.Module, size: int = 224) -> dict[str, float]:
+    """Million FLOPs of a batch-1 forward pass at `size` px, split like `StageClock` (convolutions and matmuls)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros(1, 3, size, size))
+    counts = {name.split(".", 1)[-1]: sum(ops.values()) / 1e6 for name, ops in counter.get_flop_counts().items()}
+    stages = len(model.backbone.net._blocks)
+    parts = {"stem": counts.get("backbone.net._conv_stem", 0.0)}
+    parts |= {f"stage {i}": counts.get(f"backbone.net._blocks.{i}", 0.0) for i in range(stages)}
+    total = counts["Global"]
+    return {**parts, "head": total - sum(parts.values()), "total": total}
+
+
 def timed_passes(model: torch.nn.Module, runs: int, size: int = 224, warm_batch: int = 32) -> list[dict[str, float]]:
     """`runs` batch-1 passes at `size` px of a model warmed by one `warm_batch` pass, each split into stages."""
     clock = StageClock(model)
@@ -148,8 +162,11 @@ def main() -> None:
     for key, model in models.items():
         medians = {p: float(np.median([s[p] for s in passes[key]])) for p in parts}
         removed = 1 - count_flops(model, args.flops_size) / base_flops
-        summary[key] = {"flops_removed": removed, "p50_ms": medians}
+        summary[key] = {"flops_removed": removed, "p50_ms": medians, "mflops_224": stage_mflops(model)}
         print(f"| {key} | {100 * removed:.1f} % | " + " | ".join(f"{medians[p]:.2f}" for p in parts) + " |")
+    print("\nMFLOPs at 224 px, batch 1:")
+    for key, row in summary.items():
+        print(f"| {key} | " + " | ".join(f"{row['mflops_224'][p]:.0f}" for p in parts) + " |")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},

@@ -374,6 +374,11 @@ def test_latency_profile_rounds_plans_to_wider_blocks_and_splits_a_pass_into_sta
     assert {convs[name]["out_channels"] for name in squeeze} >= {20, 28}  # squeeze bottlenecks keep their width
     wider = apply_channel_plan(build_model("efficientnet-b0", num_classes=3, img_size=32, pretrained=False), plan)
     assert wider(torch.randn(2, 3, 32, 32)).shape == (2, 3)
+    mflops = profile.stage_mflops(wider.eval(), size=32)
+    assert list(mflops) == ["stem", *[f"stage {i}" for i in range(7)], "head", "total"]
+    assert all(v > 0 for v in mflops.values())
+    assert sum(v for k, v in mflops.items() if k != "total") == pytest.approx(mflops["total"])
+    assert mflops["total"] == pytest.approx(pruning.count_flops(wider, 32) / 1e6)
     passes = profile.timed_passes(wider.eval(), runs=2, size=32, warm_batch=2)
     assert len(passes) == 2 and list(passes[0])[:2] == ["stem", "stage 0"] and "head" in passes[0]
     for split in passes:
