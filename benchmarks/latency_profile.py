@@ -171,7 +171,7 @@ def main() -> None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"settings": {k: str(v) for k, v in vars(args).items()},
                                          "torch_threads": torch.get_num_threads(), "summary": summary,
-                                         "passes": passes}, indent=1))
+                                         "passes": passes}))
 
 
 if __name__ == "__main__":
