@@ -87,16 +87,27 @@ def make_loaders(splits: dict, mean, std, batch_size: int, eval_limit: int | Non
     return train, val, test
 
 
+def fine_tune_loaders(loaders: tuple, labels: np.ndarray, num_classes: int, args: argparse.Namespace) -> tuple:
+    """`loaders` with, under `--ft-sampler balanced`, a training loader that draws every class equally often."""
+    if args.ft_sampler == "none":
+        return loaders
+    from pipelines.balancing import build_sampler
+
+    dataset = loaders[0].dataset
+    sampler = build_sampler(labels, num_classes, args.ft_sampler, args.seed)
+    return (DataLoader(dataset, batch_size=args.batch_size, sampler=sampler), *loaders[1:])
+
+
 def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float,
-          teacher=None):
+          teacher=None, weighting: str = "inverse"):
     from pipelines.balancing import build_loss
     from pipelines.config import TrainSettings
     from pipelines.training import fit
 
     settings = TrainSettings(epochs=epochs, batch_size=args.batch_size, lr=lr, warmup_epochs=0.3 if epochs > 1 else 0,
                              patience=epochs, max_steps_per_epoch=max_steps, device="cpu", seed=args.seed,
-                             class_weighting="inverse", resume=False)
-    loss = build_loss("ce", counts, weighting="inverse")
+                             class_weighting=weighting, resume=False)
+    loss = build_loss("ce", counts, weighting=weighting)
     distill = None
     if teacher is not None:
         distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature)
@@ -330,10 +341,11 @@ def run(args: argparse.Namespace) -> None:
                 continue
             started = time.perf_counter()
             run_dir = out / row_name(net, method, target)
+            tune_loaders = fine_tune_loaders(loaders, splits["train"][1], len(class_names), args)
 
-            def fine_tune(m, stage, run_dir=run_dir, loaders=loaders, epochs=args.ft_epochs, teacher=teacher):
+            def fine_tune(m, stage, run_dir=run_dir, loaders=tune_loaders, epochs=args.ft_epochs, teacher=teacher):
                 return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr,
-                             teacher=teacher)
+                             teacher=teacher, weighting="none" if args.ft_sampler == "balanced" else "inverse")
 
             if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
                 tuned = fine_tune(copy.deepcopy(model), 1, epochs=args.ft_epochs * args.steps)
@@ -347,7 +359,7 @@ def run(args: argparse.Namespace) -> None:
                                                 round_to=args.round_to, global_pruning=args.global_pruning)
             save_row_model(out, net, method, target, result.model)
             record = {"net": net, "target": target, "method": method, "steps": args.steps,
-                      "ft_epochs": args.ft_epochs, "round_to": args.round_to,
+                      "ft_epochs": args.ft_epochs, "ft_sampler": args.ft_sampler, "round_to": args.round_to,
                       "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
@@ -476,6 +488,9 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="distillation from the unpruned baseline during every fine-tune (default 0: off)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--ft-sampler", choices=["none", "balanced"], default="none",
+                        help="fine-tuning draws (default: shuffled, class-weighted loss; balanced: every class "
+                             "equally often, unweighted loss)")
     parser.add_argument("--speed-runs", type=int, default=50)
     parser.add_argument("--speed-runs-224", type=int, default=20)
     parser.add_argument("--seed", type=int, default=0)

@@ -384,3 +384,22 @@ def test_latency_profile_rounds_plans_to_wider_blocks_and_splits_a_pass_into_sta
     for split in passes:
         assert all(v > 0 for v in split.values())
         assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=1e-6)
+
+
+def test_benchmark_balanced_fine_tune_sampler_draws_rare_classes_as_often_as_common_ones():
+    import argparse
+
+    from torch.utils.data import DataLoader, TensorDataset
+
+    bench = _benchmark_module()
+    labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
+    dataset = TensorDataset(torch.zeros(100, 1), torch.as_tensor(labels))
+    loaders = (DataLoader(dataset, batch_size=10, shuffle=True), "val", "test")
+    args = argparse.Namespace(ft_sampler="none", batch_size=10, seed=0)
+    assert bench.fine_tune_loaders(loaders, labels, 3, args) is loaders
+    args.ft_sampler = "balanced"
+    tuned = bench.fine_tune_loaders(loaders, labels, 3, args)
+    assert tuned[1:] == ("val", "test") and tuned[0].dataset is dataset
+    drawn = np.concatenate([y.numpy() for _ in range(20) for _, y in tuned[0]])
+    assert len(drawn) == 20 * 100
+    assert np.allclose(np.bincount(drawn, minlength=3) / len(drawn), 1 / 3, atol=0.03)
