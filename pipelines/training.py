@@ -258,6 +258,8 @@ def _checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    # Every rank writes its own random state into `tmp`: only swap the folder in once all of them have.
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         _atomic_json(tmp / "trainer_state.json", state)
         old = ckpt_dir / ".last-old"

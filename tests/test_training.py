@@ -97,8 +97,13 @@ def test_two_process_accelerate_run_shards_data_and_ends_with_identical_weights(
         str(tmp_path),
     ]
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    # the launcher's closing summary hides a failing rank's traceback; show each rank's own lines first
+    rank_lines = "\n".join(line for line in done.stderr.splitlines() if line.startswith("[rank"))
+    assert done.returncode == 0, rank_lines[-4000:] + "\n" + done.stderr[-1500:]
     assert (tmp_path / "world_0.txt").read_text() == "2 MULTI_CPU"
+    # the last checkpoint holds both ranks' random states (rank 0 used to swap the folder in before rank 1 wrote)
+    last = tmp_path / "run" / "checkpoints" / "last"
+    assert {p.name for p in last.glob("random_states_*.pkl")} == {"random_states_0.pkl", "random_states_1.pkl"}
     seen = [json.loads((tmp_path / f"seen_{r}.json").read_text()) for r in (0, 1)]
     for epoch in range(2):  # 32 images, 4 per batch per rank -> 16 per rank per epoch
         per_rank = [set(s[epoch * 16 : (epoch + 1) * 16]) for s in seen]
