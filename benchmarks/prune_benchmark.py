@@ -100,7 +100,7 @@ def fine_tune_loaders(loaders: tuple, labels: np.ndarray, num_classes: int, args
 
 def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float,
           teacher=None, weighting: str = "inverse"):
-    from pipelines.balancing import build_loss
+    from pipelines.balancing import build_loss, class_weights
     from pipelines.config import TrainSettings
     from pipelines.training import fit
 
@@ -110,7 +110,9 @@ def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: i
     loss = build_loss("ce", counts, weighting=weighting)
     distill = None
     if teacher is not None:
-        distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature)
+        kd_weights = class_weights(counts, weighting) if args.distill_class_weighted else None
+        distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature,
+                                            class_weights=kd_weights)
     return fit(model, loaders[0], loaders[1], loss, settings, run_dir, loss_forward=distill).model
 
 
@@ -361,6 +363,7 @@ def run(args: argparse.Namespace) -> None:
             record = {"net": net, "target": target, "method": method, "steps": args.steps,
                       "ft_epochs": args.ft_epochs, "ft_sampler": args.ft_sampler, "round_to": args.round_to,
                       "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
+                      "distill_class_weighted": args.distill_class_weighted, "seed": args.seed,
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
@@ -488,6 +491,9 @@ def main() -> None:
     parser.add_argument("--distill-weight", type=float, default=0.0,
                         help="distillation from the unpruned baseline during every fine-tune (default 0: off)")
     parser.add_argument("--distill-temperature", type=float, default=2.0)
+    parser.add_argument("--distill-class-weighted", action="store_true",
+                        help="weight each image's distillation term by its class's loss weight (default: plain "
+                             "batch mean)")
     parser.add_argument("--ft-sampler", choices=["none", "balanced"], default="none",
                         help="fine-tuning draws (default: shuffled, class-weighted loss; balanced: every class "
                              "equally often, unweighted loss)")

@@ -18,6 +18,7 @@ must be removed together) averages the normalised scores of its convolutions.
 
 from __future__ import annotations
 
+import argparse
 import copy
 import logging
 import math
@@ -515,7 +516,7 @@ def prune_to_flops(
 
 def distillation_loss(
     teacher: nn.Module, loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], weight: float,
-    temperature: float = 2.0,
+    temperature: float = 2.0, class_weights: torch.Tensor | None = None,
 ) -> Callable[[nn.Module, Any, int], torch.Tensor]:
     """A `fit(loss_forward=...)` loss: the task's (cost-sensitive) loss plus knowledge distillation from `teacher`,
 
@@ -523,9 +524,18 @@ def distillation_loss(
 
     (Hinton et al. 2015). The unpruned net's soft outputs carry its class balance and its near-miss classes, which
     the few rare-class labels alone do not; the T^2 keeps the gradient scale independent of T. The teacher is frozen.
+
+    The KL is averaged over the batch; with `class_weights` (one per class, e.g. the cost-sensitive loss's) it is
+    the weighted mean sum_i w_{y_i} KL_i / sum_i w_{y_i}, the normalisation `nn.CrossEntropyLoss(weight=...)` uses,
+    so the rare classes' images steer the distillation as much as they steer the task loss.
     """
     if weight < 0 or temperature <= 0:
         raise ValueError(f"distillation weight {weight} / temperature {temperature}: expected >= 0 and > 0")
+    if class_weights is not None:
+        class_weights = torch.as_tensor(class_weights, dtype=torch.float32)
+        if class_weights.ndim != 1 or not bool((class_weights > 0).all()):
+            raise ValueError(f"distillation class weights {class_weights.tolist()}: expected one positive weight "
+                             "per class")
     teacher = teacher.eval()
     for param in teacher.parameters():
         param.requires_grad_(False)
@@ -535,8 +545,16 @@ def distillation_loss(
         logits = model(images).float()
         with torch.no_grad():
             target = teacher.to(images.device)(images).float()
-        soft = F.kl_div(F.log_softmax(logits / temperature, dim=1), F.log_softmax(target / temperature, dim=1),
-                        log_target=True, reduction="batchmean")
+        per_image = F.kl_div(F.log_softmax(logits / temperature, dim=1),
+                             F.log_softmax(target / temperature, dim=1), log_target=True, reduction="none").sum(1)
+        if class_weights is None:
+            soft = per_image.mean()
+        else:
+            if class_weights.numel() != logits.shape[1]:
+                raise ValueError(f"distillation has {class_weights.numel()} class weights for a model with "
+                                 f"{logits.shape[1]} outputs")
+            w = class_weights.to(logits.device)[labels]
+            soft = (w * per_image).sum() / w.sum()
         return loss_fn(logits, labels) + weight * temperature**2 * soft
 
     return loss_forward
@@ -658,6 +676,7 @@ def _settings_model():
         round_to: int | None = Field(8, ge=1)
         distill_weight: float = Field(1.0, ge=0)
         distill_temperature: float = Field(2.0, gt=0)
+        distill_class_weighted: bool = False
         fine_tune_epochs: int = Field(3, ge=0)
         fine_tune_lr: float = Field(5e-4, gt=0)
         batch_size: int = Field(32, ge=1)
@@ -697,7 +716,7 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
 
     from models.bundle import load_bundle, save_bundle
     from models.pruned import extract_channel_plan
-    from pipelines.balancing import build_loss
+    from pipelines.balancing import build_loss, class_weights
     from pipelines.config import TrainSettings
     from pipelines.data import ImageDataset
     from pipelines.evaluation import choose_operating_threshold, malignant_probability
@@ -756,8 +775,9 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
 
     distill = None  # the unpruned net teaches every stage's fine-tune
     if settings.distill_weight > 0 and settings.fine_tune_epochs > 0:
+        kd_weights = class_weights(counts, weighting) if settings.distill_class_weighted else None
         distill = distillation_loss(copy.deepcopy(model), loss_fn, settings.distill_weight,
-                                    settings.distill_temperature)
+                                    settings.distill_temperature, class_weights=kd_weights)
 
     result = prune_to_flops(model, settings.method, settings.flops_reduction, size, calibration=calibration,
                             steps=settings.steps, global_pruning=settings.global_pruning,
@@ -855,7 +875,8 @@ def _cmd_prune(args: Any) -> None:
               "global_pruning": args.global_pruning, "max_layer_pruning": args.max_layer_pruning,
               "calibration_per_class": args.calibration_per_class, "batchnorm_images": args.batchnorm_images,
               "round_to": args.round_to, "distill_weight": args.distill_weight,
-              "distill_temperature": args.distill_temperature, "fine_tune_epochs": args.epochs,
+              "distill_temperature": args.distill_temperature,
+              "distill_class_weighted": args.distill_class_weighted, "fine_tune_epochs": args.epochs,
               "fine_tune_lr": args.lr, "batch_size": args.batch_size, "max_steps_per_epoch": args.max_steps_per_epoch,
               "eval_split": args.eval_split, "seed": args.seed, "speed_runs": args.speed_runs}
     try:
@@ -896,6 +917,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--distill-weight", type=float,
                    help="weight of distillation from the unpruned net during fine-tuning (default 1; 0: off)")
     p.add_argument("--distill-temperature", type=float, help="distillation temperature (default 2)")
+    p.add_argument("--distill-class-weighted", action=argparse.BooleanOptionalAction,
+                   help="weight each image's distillation term by its class's loss weight (default off)")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs after each stage (default 3; 0: none)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int)

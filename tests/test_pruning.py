@@ -216,14 +216,15 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
           "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
           "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3",
-          "--batchnorm-images", "8", "--round-to", "1", "--distill-weight", "1", "--distill-temperature", "3"])
+          "--batchnorm-images", "8", "--round-to", "1", "--distill-weight", "1", "--distill-temperature", "3",
+          "--distill-class-weighted"])
     assert "fewer" in capsys.readouterr().out
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
     assert report["calibration_counts"] == {c: 3 for c in classes}
     assert report["settings"]["batchnorm_images"] == 8
     assert (report["settings"]["round_to"], report["settings"]["distill_weight"]) == (1, 1.0)
-    assert (report["settings"]["distill_temperature"]) == 3.0
+    assert (report["settings"]["distill_temperature"], report["settings"]["distill_class_weighted"]) == (3.0, True)
     assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
     pruned = load_bundle(tmp_path / "pruned")
     assert pruned.card["architecture"]["channel_plan"]["modules"]["head"]["in_features"] < 16
@@ -327,6 +328,28 @@ def test_distillation_loss_adds_the_tempered_kl_to_the_task_loss_and_freezes_the
     assert only_kd(student, (x, y), 0).item() < 0.5 * before
     with pytest.raises(ValueError, match="temperature"):
         pruning.distillation_loss(teacher, ce, 1.0, temperature=0)
+
+
+def test_class_weighted_distillation_is_the_weighted_mean_of_the_per_image_kl():
+    torch.manual_seed(1)
+    teacher, student = nn.Linear(4, 3), nn.Linear(4, 3)
+    x, y = torch.randn(5, 4), torch.tensor([0, 0, 0, 1, 2])
+    weights = torch.tensor([0.5, 2.0, 3.0])
+    no_task = lambda logits, labels: logits.sum() * 0  # noqa: E731
+    got = pruning.distillation_loss(teacher, no_task, 1.0, temperature=1.0, class_weights=weights)(student, (x, y), 0)
+    p_t = torch.softmax(teacher(x), 1)
+    kl = (p_t * (p_t.log() - torch.log_softmax(student(x), 1))).sum(1)
+    # by hand: (0.5 (kl0 + kl1 + kl2) + 2 kl3 + 3 kl4) / (3 * 0.5 + 2 + 3)
+    expected = (0.5 * kl[:3].sum() + 2.0 * kl[3] + 3.0 * kl[4]) / 6.5
+    assert torch.allclose(got, expected, atol=1e-6)
+    assert not torch.allclose(got, kl.mean(), atol=1e-4)  # the plain batch mean differs on this batch
+    # equal weights are the plain batch mean
+    equal = pruning.distillation_loss(teacher, no_task, 1.0, temperature=1.0, class_weights=torch.ones(3))
+    assert torch.allclose(equal(student, (x, y), 0), kl.mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="2 class weights for a model with 3 outputs"):
+        pruning.distillation_loss(teacher, no_task, 1.0, class_weights=torch.ones(2))(student, (x, y), 0)
+    with pytest.raises(ValueError, match="one positive weight per class"):
+        pruning.distillation_loss(teacher, no_task, 1.0, class_weights=torch.tensor([1.0, 0.0, 1.0]))
 
 
 def _benchmark_module(name: str = "prune_benchmark"):
