@@ -397,6 +397,54 @@ def _delta_cell(delta: dict | None, key: str) -> str:
     return f"{100 * d['delta']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}]"
 
 
+def _reference_probs(folders: list[Path], net: str, reference: str) -> dict | None:
+    """The `reference` row's test probabilities, which every seed folder that has it must share (None if none has)."""
+    paths = [path for path in (probs_file(folder, net, reference, 0) for folder in folders) if path.is_file()]
+    if not paths:
+        return None
+    first = np.load(paths[0])
+    for path in paths[1:]:
+        other = np.load(path)
+        if not (np.array_equal(other["labels"], first["labels"]) and np.array_equal(other["probs"], first["probs"])):
+            raise ValueError(f"{path} differs from {paths[0]}: the seed folders must share one {net} '{reference}' "
+                             "row (copy it, with its probabilities, into each folder)")
+    return first
+
+
+def seed_summary(folders: list[Path], class_names: list[str]) -> str:
+    """Markdown table: every pruned (net, method, target) row over the seed folders that have it, with the mean of
+    their changes against the shared unpruned baseline ("none") and control ("unpruned+ft"), each with a 95 %
+    paired bootstrap interval of the mean, and the mean recall of the minority classes."""
+    from pipelines.evaluation import paired_bootstrap_delta
+
+    entries: dict[tuple, list[tuple[Path, dict]]] = {}
+    for folder in folders:
+        for row in read_rows(folder):
+            if row["method"] not in ("none", "unpruned+ft"):
+                entries.setdefault((row["net"], row["method"], row["target"]), []).append((folder, row))
+    minority = [c for c in ("akiec", "df", "vasc") if c in class_names]
+    lines = ["| net | method | target | seeds | bal. acc per seed | mean Δ bal. acc, points [95 % CI] "
+             "| mean Δ mal. AUC, points [95 % CI] | mean Δ vs unpruned+ft: bal. acc / mal. AUC | "
+             + " | ".join(f"mean {c} recall" for c in minority) + " |",
+             "|" + "---|" * (8 + len(minority))]
+    for (net, method, target), runs in sorted(entries.items()):
+        probs = np.stack([np.load(probs_file(folder, net, method, target))["probs"] for folder, _ in runs])
+        cells = {}
+        for reference in ("none", "unpruned+ft"):
+            ref = _reference_probs(folders, net, reference)
+            cells[reference] = None if ref is None else paired_bootstrap_delta(ref["labels"], ref["probs"], probs,
+                                                                               class_names, MALIGNANT)
+        control = cells["unpruned+ft"]
+        versus_control = "n/a" if control is None else (
+            f"{_delta_cell(control, 'balanced_accuracy')} / {_delta_cell(control, 'malignant_auc')}")
+        per_seed = ", ".join(f"{row['test']['balanced_accuracy']:.3f}" for _, row in runs)
+        recalls = " | ".join(f"{np.mean([row['test']['recall'][c] for _, row in runs]):.3f}" for c in minority)
+        lines.append(f"| {net} | {method} | {target:.0%} | {len(runs)} | {per_seed} | "
+                     f"{_delta_cell(cells['none'], 'balanced_accuracy')} | "
+                     f"{_delta_cell(cells['none'], 'malignant_auc')} | {versus_control} | {recalls} |")
+    return "\n".join(lines)
+
+
 def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
     """Write the accuracy-vs-FLOPs plot; return the markdown table (changes in points, 95 % paired bootstrap).
 
@@ -503,6 +551,9 @@ def main() -> None:
     parser.add_argument("--pretrained", action="store_true",
                         help="start EfficientNet-Lite from ImageNet weights and B0 from ImageNet Lite0 weights")
     parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
+    parser.add_argument("--seed-folders", nargs="+", type=Path, default=[],
+                        help="with --plot: also print the mean over --out and these folders (other seeds of the same "
+                             "rows, sharing the baseline) with a paired bootstrap interval of the mean")
     parser.add_argument("--retime", action="store_true",
                         help="only re-time every saved row at 224 px in interleaved rounds (retime.json)")
     parser.add_argument("--retime-rounds", type=int, default=5)
@@ -533,6 +584,8 @@ def main() -> None:
             print(serving_table(out))
         if args.plot:
             print(plot(out / "results.jsonl", out / "prune_benchmark.png", class_names))
+            if args.seed_folders:
+                print(seed_summary([out, *args.seed_folders], class_names))
         return
     run(args)
 

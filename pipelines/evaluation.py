@@ -129,20 +129,25 @@ def paired_bootstrap_delta(
 
     Both models are scored on the same resampled cases, so the interval reflects the difference between them,
     not each model's own sampling noise. Resamples that lose a class (or all malignant/benign cases) are redrawn.
+    `probs_new` may also be (runs, cases, classes), e.g. one model trained with several seeds: the change is then
+    the mean over runs of each run's change, on every resample.
     """
     y_true = np.asarray(y_true)
-    if probs_ref.shape != probs_new.shape or probs_ref.shape[0] != len(y_true):
+    runs_new = probs_new[None] if probs_new.ndim == 2 else probs_new
+    if runs_new.ndim != 3 or runs_new.shape[1:] != probs_ref.shape or probs_ref.shape[0] != len(y_true):
         raise ValueError(f"probabilities of shapes {probs_ref.shape} and {probs_new.shape} do not both cover the "
                          f"{len(y_true)} cases")
     y_mal = np.isin(np.asarray(class_names)[y_true], list(malignant_classes))
-    pred_ref, pred_new = probs_ref.argmax(1), probs_new.argmax(1)
+    pred_ref, preds_new = probs_ref.argmax(1), runs_new.argmax(2)
     mal_ref = malignant_probability(probs_ref, class_names, malignant_classes)
-    mal_new = malignant_probability(probs_new, class_names, malignant_classes)
+    mals_new = [malignant_probability(run, class_names, malignant_classes) for run in runs_new]
 
     def deltas(idx: np.ndarray) -> tuple[float, float]:
-        bal = balanced_accuracy_score(y_true[idx], pred_new[idx]) - balanced_accuracy_score(y_true[idx], pred_ref[idx])
-        auc = roc_auc_score(y_mal[idx], mal_new[idx]) - roc_auc_score(y_mal[idx], mal_ref[idx])
-        return bal, auc
+        ref_bal = balanced_accuracy_score(y_true[idx], pred_ref[idx])
+        ref_auc = roc_auc_score(y_mal[idx], mal_ref[idx])
+        bal = np.mean([balanced_accuracy_score(y_true[idx], pred[idx]) for pred in preds_new]) - ref_bal
+        auc = np.mean([roc_auc_score(y_mal[idx], mal[idx]) for mal in mals_new]) - ref_auc
+        return float(bal), float(auc)
 
     rng = np.random.default_rng(seed)
     present = np.unique(y_true)

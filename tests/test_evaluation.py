@@ -97,3 +97,19 @@ def test_paired_bootstrap_delta_brackets_the_observed_change(random_predictions)
     assert worse["malignant_auc"]["high"] < 0
     with pytest.raises(ValueError, match="300 cases"):
         paired_bootstrap_delta(y, probs, probs[:10], CLASSES)
+
+
+def test_paired_bootstrap_delta_of_several_runs_is_the_mean_of_their_changes(random_predictions):
+    y, probs = random_predictions
+    rng = np.random.default_rng(1)
+    runs = np.stack([0.5 * probs + 0.5 * rng.dirichlet(np.ones(7), size=len(y)) for _ in range(3)])
+    mean = paired_bootstrap_delta(y, probs, runs, CLASSES, n_boot=100)
+    singles = [paired_bootstrap_delta(y, probs, run, CLASSES, n_boot=100) for run in runs]
+    for key in ("balanced_accuracy", "malignant_auc"):
+        assert mean[key]["delta"] == pytest.approx(np.mean([one[key]["delta"] for one in singles]))
+        assert mean[key]["low"] <= mean[key]["delta"] <= mean[key]["high"]
+    # one run stacked is that run; a run count that does not match the cases is an error
+    one = paired_bootstrap_delta(y, probs, runs[:1], CLASSES, n_boot=100)
+    assert one == singles[0]
+    with pytest.raises(ValueError, match="300 cases"):
+        paired_bootstrap_delta(y, probs, runs[:, :10], CLASSES)
