@@ -285,6 +285,7 @@ def serving_table(out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
+    pruning.parse_layer_ratios(args.layer_ratio)  # a malformed one fails now, not after the baseline
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -358,12 +359,14 @@ def run(args: argparse.Namespace) -> None:
                 result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
                                                 calibration=calibration, steps=args.steps, fine_tune=fine_tune,
                                                 seed=args.seed, batchnorm_batches=batchnorm,
-                                                round_to=args.round_to, global_pruning=args.global_pruning)
+                                                round_to=args.round_to, global_pruning=args.global_pruning,
+                                                layer_ratios=pruning.parse_layer_ratios(args.layer_ratio))
             save_row_model(out, net, method, target, result.model)
             record = {"net": net, "target": target, "method": method, "steps": args.steps,
                       "ft_epochs": args.ft_epochs, "ft_sampler": args.ft_sampler, "round_to": args.round_to,
                       "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
                       "distill_class_weighted": args.distill_class_weighted, "seed": args.seed,
+                      "layer_ratios": pruning.parse_layer_ratios(args.layer_ratio),
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
@@ -542,6 +545,8 @@ def main() -> None:
     parser.add_argument("--distill-class-weighted", action="store_true",
                         help="weight each image's distillation term by its class's loss weight (default: plain "
                              "batch mean)")
+    parser.add_argument("--layer-ratio", nargs="+", default=[], metavar="CONV=FRACTION",
+                        help="fix the fraction of a conv's filters removed (e.g. backbone.features.0=0.75)")
     parser.add_argument("--ft-sampler", choices=["none", "balanced"], default="none",
                         help="fine-tuning draws (default: shuffled, class-weighted loss; balanced: every class "
                              "equally often, unweighted loss)")

@@ -315,25 +315,29 @@ def prune_once(
     min_channels: dict[str, int],
     global_pruning: bool = False,
     round_to: int | None = None,
+    layer_ratios: dict[str, float] | None = None,
 ) -> nn.Module:
     """Remove `ratio` of the channels (per group, or globally) in place, never below a layer's `min_channels`.
 
     With `round_to`, every pruned layer keeps a multiple of `round_to` channels (rounded up, so never fewer than
     asked; a layer of `round_to` channels or fewer is left whole): SIMD kernels run channel blocks of 8-16, and a
-    width of 22 costs about what 24 does.
+    width of 22 costs about what 24 does. `layer_ratios` (conv name -> ratio) overrides `ratio` for the groups
+    those convs lead.
     """
     import torch_pruning as tp
 
-    if ratio <= 0:
+    if ratio <= 0 and not any(layer_ratios.values() if layer_ratios else ()):
         return model
     importance.bind(model)
     device = next(model.parameters()).device
     example = torch.zeros(1, 3, input_size, input_size, device=device)
     was_training = model.training
     model.eval()
+    modules = dict(model.named_modules())
     pruner = tp.pruner.MetaPruner(
         model, example, importance=importance, pruning_ratio=ratio, global_pruning=global_pruning,
         ignored_layers=_ignored_layers(model), max_pruning_ratio=1.0,
+        pruning_ratio_dict={modules[name]: r for name, r in (layer_ratios or {}).items()} or None,
     )
     names = {module: name for name, module in model.named_modules()}
     # Torch-Pruning silently skips a group whose pruning would empty a layer; let it through so that
@@ -400,20 +404,23 @@ def _search_ratio(
     max_ratio: float,
     iterations: int = 10,
     round_to: int | None = None,
+    layer_ratios: dict[str, float] | None = None,
 ) -> tuple[float, int]:
     """Bisect the channel ratio whose pruning (on a copy) brings FLOPs just under `target_flops`."""
     lo, hi = 0.0, max_ratio
     hi_flops = None
     for _ in range(iterations):
         mid = (lo + hi) / 2
-        trial = prune_once(_meta_copy(model), importance, mid, input_size, min_channels, global_pruning, round_to)
+        trial = prune_once(_meta_copy(model), importance, mid, input_size, min_channels, global_pruning, round_to,
+                           layer_ratios)
         flops = count_flops(trial, input_size)
         if flops <= target_flops:
             hi, hi_flops = mid, flops
         else:
             lo = mid
     if hi_flops is None:
-        trial = prune_once(_meta_copy(model), importance, hi, input_size, min_channels, global_pruning, round_to)
+        trial = prune_once(_meta_copy(model), importance, hi, input_size, min_channels, global_pruning, round_to,
+                           layer_ratios)
         hi_flops = count_flops(trial, input_size)
         if hi_flops > target_flops:
             log.warning("even pruning %.0f%% of channels leaves %.3g FLOPs > target %.3g", 100 * hi, hi_flops,
@@ -464,6 +471,7 @@ def prune_to_flops(
     seed: int = 0,
     batchnorm_batches: Iterable[Any] | None = None,
     round_to: int | None = None,
+    layer_ratios: dict[str, float] | None = None,
 ) -> PruneResult:
     """Prune `model` in place until its FLOPs fall by `flops_reduction`, in `steps` prune -> fine-tune stages.
 
@@ -473,6 +481,11 @@ def prune_to_flops(
     BatchNorm statistics are re-estimated after each prune and each fine-tune from `batchnorm_batches`, which
     should follow the training distribution (a random training sample; the class-balanced calibration set
     shifts them towards the rare classes), falling back to `calibration`. `round_to`: see `prune_once`.
+
+    `layer_ratios` (conv name -> fraction of its original filters to remove by the last stage, in equal parts per
+    stage) fixes those layers' widths, and the searched ratio covers the rest. Use it to spend the FLOPs budget
+    where time goes: at 224 px a plain CNN's first, full-resolution stage takes far more of the batch-1 time than
+    of the FLOPs (docs/pruning.md).
     """
     if round_to is not None and round_to < 1:
         raise ValueError(f"round_to is {round_to}; expected a channel multiple of at least 1 (e.g. 8)")
@@ -487,6 +500,14 @@ def prune_to_flops(
         raise ValueError(f"pruning method '{method}' needs calibration images; none were given")
     min_channels = {name: max(1, math.ceil((1 - max_layer_pruning) * conv.out_channels))
                     for name, conv in conv_layers(model).items()}
+    layer_ratios = dict(layer_ratios or {})
+    original = {name: conv.out_channels for name, conv in conv_layers(model).items()}
+    for name, ratio in layer_ratios.items():
+        if name not in min_channels:
+            raise ValueError(f"layer_ratios names '{name}', which is not a convolution of this model; expected one "
+                             f"of {sorted(min_channels)}")
+        if not 0 <= ratio < 1:
+            raise ValueError(f"layer_ratios['{name}'] is {ratio}; expected a fraction of its filters in [0, 1)")
     base_flops = count_flops(model, input_size)
     result = PruneResult(model=model, base_flops=base_flops, flops=base_flops)
     norm_batches = batchnorm_batches if batchnorm_batches is not None else calibration
@@ -494,9 +515,17 @@ def prune_to_flops(
         target = base_flops * (1 - flops_reduction * stage / steps)
         started = time.perf_counter()
         importance.calibrate(model, calibration)
+        # each fixed layer keeps round(original * (1 - q * stage / steps)) filters after this stage; Torch-Pruning
+        # keeps int(current * (1 - ratio)), hence the half filter
+        convs = conv_layers(model)
+        stage_ratios = {}
+        for name, q in layer_ratios.items():
+            current = convs[name].out_channels
+            keep = min(current, max(1, round(original[name] * (1 - q * stage / steps))))
+            stage_ratios[name] = max(0.0, 1 - (keep + 0.5) / current)
         ratio, _ = _search_ratio(model, importance, target, input_size, min_channels, global_pruning, max_layer_pruning,
-                                 round_to=round_to)
-        prune_once(model, importance, ratio, input_size, min_channels, global_pruning, round_to)
+                                 round_to=round_to, layer_ratios=stage_ratios)
+        prune_once(model, importance, ratio, input_size, min_channels, global_pruning, round_to, stage_ratios)
         if norm_batches is not None:
             recalibrate_batchnorm(model, norm_batches, str(next(model.parameters()).device))
         flops = count_flops(model, input_size)
@@ -659,6 +688,20 @@ def minority_classes_of(counts: list[int], class_names: list[str]) -> list[str]:
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def parse_layer_ratios(items: Iterable[str]) -> dict[str, float]:
+    """`NAME=RATIO` strings (e.g. `backbone.features.0=0.75`) as a conv name -> ratio dict for `prune_to_flops`."""
+    ratios = {}
+    for item in items:
+        name, sep, value = item.partition("=")
+        try:
+            ratios[name] = float(value)
+        except ValueError:
+            sep = ""
+        if not sep or not name:
+            raise ValueError(f"layer ratio '{item}': expected CONV_NAME=FRACTION, e.g. backbone.features.0=0.75")
+    return ratios
+
+
 def _settings_model():
     from pydantic import BaseModel, ConfigDict, Field
 
@@ -674,6 +717,7 @@ def _settings_model():
         calibration_per_class: int = Field(16, ge=1)
         batchnorm_images: int = Field(512, ge=1)
         round_to: int | None = Field(8, ge=1)
+        layer_ratios: dict[str, float] = Field(default_factory=dict)
         distill_weight: float = Field(1.0, ge=0)
         distill_temperature: float = Field(2.0, gt=0)
         distill_class_weighted: bool = False
@@ -782,7 +826,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     result = prune_to_flops(model, settings.method, settings.flops_reduction, size, calibration=calibration,
                             steps=settings.steps, global_pruning=settings.global_pruning,
                             max_layer_pruning=settings.max_layer_pruning, fine_tune=fine_tune, seed=settings.seed,
-                            batchnorm_batches=batchnorm, round_to=settings.round_to)
+                            batchnorm_batches=batchnorm, round_to=settings.round_to,
+                            layer_ratios=settings.layer_ratios)
     model = result.model.cpu().eval()
     after = {**measure_model(model, size, runs=settings.speed_runs),
              "accuracy": accuracy_report(*_flip(predict_probs(model, eval_loader)), class_names, malignant, minority)}
@@ -880,10 +925,13 @@ def _cmd_prune(args: Any) -> None:
               "fine_tune_lr": args.lr, "batch_size": args.batch_size, "max_steps_per_epoch": args.max_steps_per_epoch,
               "eval_split": args.eval_split, "seed": args.seed, "speed_runs": args.speed_runs}
     try:
+        fields["layer_ratios"] = parse_layer_ratios(args.layer_ratio) if args.layer_ratio else None
         settings = load_pruning_config({k: v for k, v in fields.items() if v is not None})
     except ValidationError as err:
         first = err.errors()[0]
         raise CliError(f"prune: {'.'.join(map(str, first['loc']))}: {first['msg']}") from err
+    except ValueError as err:  # a malformed --layer-ratio
+        raise CliError(f"prune: {err}") from err
     if not (Path(args.bundle) / "card.json").is_file():
         raise CliError(f"prune: '{args.bundle}' is not a model bundle (no card.json)")
     if not Path(args.data).is_file():
@@ -919,6 +967,9 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--distill-temperature", type=float, help="distillation temperature (default 2)")
     p.add_argument("--distill-class-weighted", action=argparse.BooleanOptionalAction,
                    help="weight each image's distillation term by its class's loss weight (default off)")
+    p.add_argument("--layer-ratio", nargs="+", metavar="CONV=FRACTION",
+                   help="fix the fraction of a conv's filters removed (e.g. backbone.features.0=0.75); the FLOPs "
+                        "search prunes the other layers")
     p.add_argument("--epochs", type=int, help="fine-tuning epochs after each stage (default 3; 0: none)")
     p.add_argument("--lr", type=float, help="fine-tuning learning rate (default 5e-4)")
     p.add_argument("--batch-size", type=int)

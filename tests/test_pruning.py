@@ -172,6 +172,36 @@ def test_prune_to_flops_hits_the_target_on_the_plain_cnn(method):
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
+@pytest.mark.parametrize("steps", [1, 3])
+def test_layer_ratios_fix_those_layers_and_the_search_prunes_the_rest(steps):
+    torch.manual_seed(0)
+    fixed = {"backbone.features.0": 0.75, "backbone.features.3": 0.75}
+    model = build_model("small-cnn", num_classes=3, img_size=32).eval()  # widths 32/64/128/256
+    result = pruning.prune_to_flops(model, "l1", 0.55, 32, calibration=[torch.randn(4, 3, 32, 32)], steps=steps,
+                                    round_to=8, layer_ratios=fixed)
+    widths = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
+    assert widths["backbone.features.0"] == widths["backbone.features.3"] == 8  # 75 % of 32 removed
+    assert 0.55 <= result.flops_reduction < 0.62
+    # the FLOPs the first stage gave up stay in the deeper layers: wider than a uniform cut to the same target
+    uniform = build_model("small-cnn", num_classes=3, img_size=32).eval()
+    pruning.prune_to_flops(uniform, "l1", 0.55, 32, calibration=[torch.randn(4, 3, 32, 32)], steps=steps, round_to=8)
+    deepest = list(widths)[-1]
+    assert widths[deepest] > pruning.conv_layers(uniform)[deepest].out_channels
+    with pytest.raises(ValueError, match="'backbone.nope', which is not a convolution"):
+        pruning.prune_to_flops(copy.deepcopy(uniform), "l1", 0.3, 32, calibration=[torch.randn(4, 3, 32, 32)],
+                               layer_ratios={"backbone.nope": 0.5})
+    with pytest.raises(ValueError, match=r"layer_ratios\['backbone.features.0'\] is 1.0"):
+        pruning.prune_to_flops(copy.deepcopy(uniform), "l1", 0.3, 32, calibration=[torch.randn(4, 3, 32, 32)],
+                               layer_ratios={"backbone.features.0": 1.0})
+
+
+def test_parse_layer_ratios():
+    assert pruning.parse_layer_ratios(["a.b=0.5", "c=0.25"]) == {"a.b": 0.5, "c": 0.25}
+    for bad in ("a.b", "a.b=half", "=0.5"):
+        with pytest.raises(ValueError, match=f"layer ratio '{bad}': expected CONV_NAME=FRACTION"):
+            pruning.parse_layer_ratios([bad])
+
+
 @pytest.mark.parametrize("global_pruning", [False, True])
 def test_pruning_never_removes_every_filter_of_a_layer(global_pruning):
     torch.manual_seed(0)
@@ -217,7 +247,7 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
           "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
           "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3",
           "--batchnorm-images", "8", "--round-to", "1", "--distill-weight", "1", "--distill-temperature", "3",
-          "--distill-class-weighted"])
+          "--distill-class-weighted", "--layer-ratio", "backbone.features.0=0.5"])
     assert "fewer" in capsys.readouterr().out
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
@@ -228,6 +258,8 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
     pruned = load_bundle(tmp_path / "pruned")
     assert pruned.card["architecture"]["channel_plan"]["modules"]["head"]["in_features"] < 16
+    assert report["settings"]["layer_ratios"] == {"backbone.features.0": 0.5}
+    assert pruned.card["architecture"]["channel_plan"]["modules"]["backbone.features.0"]["out_channels"] == 4
     assert pruning.count_flops(pruned.model, 32) == report["after"]["flops"]
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--flops-reduction", "1.5"])
@@ -235,6 +267,9 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--round-to", "0"])
     assert code == 2 and "round_to" in capsys.readouterr().err
+    code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+                 "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.features.0"])
+    assert code == 2 and "expected CONV_NAME=FRACTION" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
