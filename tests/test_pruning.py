@@ -270,6 +270,9 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.features.0"])
     assert code == 2 and "expected CONV_NAME=FRACTION" in capsys.readouterr().err
+    code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+                 "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.nope=0.5", "--speed-runs", "2"])
+    assert code == 2 and "'backbone.nope', which is not a convolution" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
 
 
