@@ -285,7 +285,7 @@ def serving_table(out: Path) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    pruning.parse_layer_ratios(args.layer_ratio)  # a malformed one fails now, not after the baseline
+    layer_ratios = pruning.parse_layer_ratios(args.layer_ratio)  # a malformed one fails now, not after the baseline
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(args.seed)
@@ -360,13 +360,13 @@ def run(args: argparse.Namespace) -> None:
                                                 calibration=calibration, steps=args.steps, fine_tune=fine_tune,
                                                 seed=args.seed, batchnorm_batches=batchnorm,
                                                 round_to=args.round_to, global_pruning=args.global_pruning,
-                                                layer_ratios=pruning.parse_layer_ratios(args.layer_ratio))
+                                                layer_ratios=layer_ratios)
             save_row_model(out, net, method, target, result.model)
             record = {"net": net, "target": target, "method": method, "steps": args.steps,
                       "ft_epochs": args.ft_epochs, "ft_sampler": args.ft_sampler, "round_to": args.round_to,
                       "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
                       "distill_class_weighted": args.distill_class_weighted, "seed": args.seed,
-                      "layer_ratios": pruning.parse_layer_ratios(args.layer_ratio),
+                      "layer_ratios": layer_ratios,
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
                       **pruning.measure_model(result.model, args.size),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
@@ -405,7 +405,8 @@ def _reference_probs(folders: list[Path], net: str, reference: str) -> dict | No
     paths = [path for path in (probs_file(folder, net, reference, 0) for folder in folders) if path.is_file()]
     if not paths:
         return None
-    first = np.load(paths[0])
+    with np.load(paths[0]) as archive:
+        first = {"labels": archive["labels"], "probs": archive["probs"]}
     for path in paths[1:]:
         other = np.load(path)
         if not (np.array_equal(other["labels"], first["labels"]) and np.array_equal(other["probs"], first["probs"])):
@@ -426,6 +427,8 @@ def seed_summary(folders: list[Path], class_names: list[str]) -> str:
             if row["method"] not in ("none", "unpruned+ft"):
                 entries.setdefault((row["net"], row["method"], row["target"]), []).append((folder, row))
     minority = [c for c in ("akiec", "df", "vasc") if c in class_names]
+    references = {(net, reference): _reference_probs(folders, net, reference)
+                  for net in {net for net, _, _ in entries} for reference in ("none", "unpruned+ft")}
     lines = ["| net | method | target | seeds | bal. acc per seed | mean Δ bal. acc, points [95 % CI] "
              "| mean Δ mal. AUC, points [95 % CI] | mean Δ vs unpruned+ft: bal. acc / mal. AUC | "
              + " | ".join(f"mean {c} recall" for c in minority) + " |",
@@ -434,7 +437,7 @@ def seed_summary(folders: list[Path], class_names: list[str]) -> str:
         probs = np.stack([np.load(probs_file(folder, net, method, target))["probs"] for folder, _ in runs])
         cells = {}
         for reference in ("none", "unpruned+ft"):
-            ref = _reference_probs(folders, net, reference)
+            ref = references[net, reference]
             cells[reference] = None if ref is None else paired_bootstrap_delta(ref["labels"], ref["probs"], probs,
                                                                                class_names, MALIGNANT)
         control = cells["unpruned+ft"]

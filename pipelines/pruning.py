@@ -498,10 +498,9 @@ def prune_to_flops(
     importance = FilterImportance(method, seed=seed, device=str(next(model.parameters()).device))
     if importance.needs_data and calibration is None:
         raise ValueError(f"pruning method '{method}' needs calibration images; none were given")
-    min_channels = {name: max(1, math.ceil((1 - max_layer_pruning) * conv.out_channels))
-                    for name, conv in conv_layers(model).items()}
-    layer_ratios = dict(layer_ratios or {})
     original = {name: conv.out_channels for name, conv in conv_layers(model).items()}
+    min_channels = {name: max(1, math.ceil((1 - max_layer_pruning) * filters)) for name, filters in original.items()}
+    layer_ratios = dict(layer_ratios or {})
     for name, ratio in layer_ratios.items():
         if name not in min_channels:
             raise ValueError(f"layer_ratios names '{name}', which is not a convolution of this model; expected one "
