@@ -14,7 +14,7 @@ from PIL import Image
 from torch import nn
 
 from models.bundle import Bundle
-from pipelines.transforms import eval_transform
+from pipelines.transforms import card_transform
 
 log = logging.getLogger(__name__)
 
@@ -105,9 +105,10 @@ class Explainer:
 
     def __init__(self, bundle: Bundle) -> None:
         self.bundle = bundle
-        norm = bundle.card["normalization"]
-        self.transform = eval_transform(bundle.input_size, norm["mean"], norm["std"])
-        self.model = copy.deepcopy(bundle.model).cpu().eval()
+        # An ensemble is explained through its first member (the network and preprocessing it shares with it).
+        explained = bundle.members[0] if bundle.members else bundle
+        self.transform = card_transform(explained.card)
+        self.model = copy.deepcopy(explained.model).cpu().eval()
         for module in self.model.modules():
             if hasattr(module, "inplace"):
                 module.inplace = False  # in-place activations break full backward hooks

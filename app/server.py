@@ -59,6 +59,7 @@ class ServeSettings:
     upload_grace_s: float = 15.0
     output_max_age_s: int = 900  # heat-maps and CSVs handed to the browser are deleted after this
     session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
+    tta: int | None = None  # test-time-augmentation views; None: what each bundle was validated with
 
     def limits(self, min_side: int = 32) -> ImageLimits:
         """The image limits these settings describe."""
@@ -113,7 +114,7 @@ def load_models(models_dir: str | Path, settings: ServeSettings) -> tuple[dict[s
             mil[name] = bundle
             continue
         limits = settings.limits(min_side=int(card.get("min_input_side", 32)))
-        images[name] = ServedModel(name, bundle, Predictor(bundle, limits=limits), Explainer(bundle))
+        images[name] = ServedModel(name, bundle, Predictor(bundle, limits=limits, tta=settings.tta), Explainer(bundle))
         log.info("loaded model '%s' (%s, %d px, %d classes)", name, card["architecture"]["name"],
                  bundle.input_size, len(bundle.class_names))
     return images, mil
@@ -598,6 +599,7 @@ def serve_cli(args: Any) -> None:
         concurrency=int(getattr(args, "concurrency", 2)),
         max_file_mb=float(getattr(args, "max_file_mb", 25.0)),
         max_megapixels=float(getattr(args, "max_megapixels", 50.0)),
+        tta=getattr(args, "tta", None),
     )
     if settings.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {settings.concurrency}")

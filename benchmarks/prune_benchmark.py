@@ -106,7 +106,7 @@ def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: i
 
     settings = TrainSettings(epochs=epochs, batch_size=args.batch_size, lr=lr, warmup_epochs=0.3 if epochs > 1 else 0,
                              patience=epochs, max_steps_per_epoch=max_steps, device="cpu", seed=args.seed,
-                             class_weighting=weighting, resume=False)
+                             class_weighting=weighting, resume=False, ema_decay=0.0)
     loss = build_loss("ce", counts, weighting=weighting)
     distill = None
     if teacher is not None:

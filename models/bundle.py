@@ -29,6 +29,7 @@ class Bundle:
     card: dict[str, Any]
     path: Path | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    members: list["Bundle"] = field(default_factory=list)  # an ensemble's member bundles (empty otherwise)
 
     @property
     def class_names(self) -> list[str]:
@@ -41,6 +42,10 @@ class Bundle:
     @property
     def input_size(self) -> int:
         return int(self.card["input_size"])
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
 
     @property
     def operating_threshold(self) -> float | None:
@@ -116,10 +121,62 @@ def build_from_card(card: dict[str, Any]) -> nn.Module:
     return model
 
 
+ENSEMBLE = "ensemble"
+
+
+def save_ensemble(path: str | Path, members: list[tuple[nn.Module, dict[str, Any]]], card: dict[str, Any]) -> Path:
+    """Write an ensemble bundle: one folder, one card, each member a bundle in `member_<i>/`.
+
+    The ensemble's probabilities are the mean of its members' calibrated (and test-time-augmented) probabilities;
+    `card` holds what is true of the whole (classes, threshold, metrics). Every member must share its class names.
+    """
+    if len(members) < 2:
+        raise ValueError(f"an ensemble needs at least 2 members, got {len(members)}")
+    names = [list(member_card["class_names"]) for _, member_card in members]
+    if any(n != names[0] for n in names):
+        raise ValueError(f"ensemble members disagree on their classes: {names}")
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    folders = []
+    for i, (model, member_card) in enumerate(members):
+        save_bundle(path / f"member_{i}", model, member_card)
+        folders.append(f"member_{i}")
+    first = members[0][1]
+    whole = {
+        "architecture": {"name": ENSEMBLE, "members": [c["architecture"]["name"] for _, c in members]},
+        "class_names": names[0],
+        "input_size": max(int(c["input_size"]) for _, c in members),
+        "normalization": first["normalization"],
+        "malignant_classes": first.get("malignant_classes", []),
+        "task": "image",
+        **card,
+        "ensemble": {"members": folders, "combine": "mean of the members' calibrated probabilities"},
+    }
+    missing = [key for key in REQUIRED_CARD_KEYS if key not in whole]
+    if missing:
+        raise ValueError(f"ensemble card lacks {missing}")
+    whole = {"format_version": CARD_FORMAT_VERSION, "versions": library_versions(), **whole}
+    _atomic_write_bytes(path / CARD_FILE, json.dumps(whole, indent=2, sort_keys=True, default=float).encode())
+    stale = path / WEIGHTS_FILE  # an ensemble folder holds no weights of its own
+    if stale.exists():
+        stale.unlink()
+    return path
+
+
 def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     """Load a bundle directory: rebuild the network from its card, then load safetensors weights strictly."""
     path = Path(path)
     card = read_card(path)
+    if ENSEMBLE in card:
+        folders = card[ENSEMBLE].get("members", [])
+        if len(folders) < 2:
+            raise ValueError(f"ensemble bundle '{path}' lists {len(folders)} members; at least 2 are required")
+        members = []
+        for folder in folders:
+            if Path(folder).is_absolute() or ".." in Path(folder).parts:
+                raise ValueError(f"ensemble bundle '{path}' names member '{folder}' outside its own folder")
+            members.append(load_bundle(path / folder, device))
+        return Bundle(model=members[0].model, card=card, path=path, members=members)
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         raise FileNotFoundError(f"model bundle '{path}' has no {WEIGHTS_FILE}")

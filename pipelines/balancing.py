@@ -397,23 +397,6 @@ def apply_prior_correction(head: nn.Linear, priors: Sequence[float], tau: float 
     return head
 
 
-def validation_operating_threshold(
-    labels: np.ndarray, probs: np.ndarray, class_names: Sequence[str], malignant: Sequence[str],
-    target_sensitivity: float,
-) -> dict[str, float] | None:
-    """The referral threshold on P(malignant) chosen on validation for the target sensitivity (None if undefined)."""
-    from pipelines.evaluation import choose_operating_threshold, malignant_probability
-
-    present = [c for c in malignant if c in class_names]
-    if not present:
-        return None
-    y_mal = np.isin(np.asarray(class_names)[np.asarray(labels)], present)
-    if y_mal.all() or not y_mal.any():
-        log.warning("validation split lacks malignant or benign images; no operating threshold chosen")
-        return None
-    return choose_operating_threshold(y_mal, malignant_probability(probs, class_names, present), target_sensitivity)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # Feature-space SMOTE on a trained bundle: embed -> resample training embeddings -> re-train the head -> new bundle
 
@@ -444,10 +427,13 @@ def balance_bundle(
     operating threshold on validation and writes a normal bundle to `out_dir`. Returns the report dict.
     """
     from models.bundle import load_bundle, save_bundle
+    from pipelines.calibration import calibrate_and_score, calibration_method_of
     from pipelines.data import ImageDataset
     from pipelines.evaluation import compute_metrics
     from pipelines.manifest import SPLITS, manifest_sha256, read_manifest
-    from pipelines.transforms import eval_transform
+    from pipelines.prediction import card_tta
+    from pipelines.training import card_metrics
+    from pipelines.transforms import card_transform
 
     config = load_balancing_config(config)
     if config.space != "feature":
@@ -469,8 +455,8 @@ def balance_bundle(
         if not (rows.split == split).any():
             raise ValueError(f"manifest '{manifest_path}' has no '{split}' rows; feature-space balancing needs both")
 
-    norm = card["normalization"]
-    dataset = ImageDataset(rows, class_names, eval_transform(int(card["input_size"]), norm["mean"], norm["std"]))
+    transform = card_transform(card)
+    dataset = ImageDataset(rows, class_names, transform)
     features = embed_dataset(model, dataset, config.embed_batch_size, desc=f"embedding {len(rows)} images")
     original_head = copy.deepcopy(model.head).float()
 
@@ -500,18 +486,25 @@ def balance_bundle(
 
     malignant = [c for c in card.get("malignant_classes", []) if c in class_names]
     sensitivity = config.target_sensitivity or target_sensitivity
-    val_probs = _split_probs(head, feats["val"])
-    threshold = validation_operating_threshold(labels["val"], val_probs, class_names, malignant, sensitivity)
-    op = threshold["threshold"] if threshold else None
+    # The before/after table compares the heads on the embeddings (one view, uncalibrated); the bundle itself is
+    # re-calibrated below with its own test-time augmentation, and its card shows those numbers.
     metrics: dict[str, Any] = {}
     for split in ("val", "test"):
         if len(labels[split]):
-            before = compute_metrics(labels[split], _split_probs(original_head, feats[split]), class_names, malignant,
-                                     card.get("operating_threshold"))
-            after = compute_metrics(labels[split], _split_probs(head, feats[split]), class_names, malignant, op)
+            before = compute_metrics(labels[split], _split_probs(original_head, feats[split]), class_names, malignant)
+            after = compute_metrics(labels[split], _split_probs(head, feats[split]), class_names, malignant)
             metrics[split] = {"before": _headline(before), "after": _headline(after)}
 
     model.head = head.to(next(model.parameters()).device)
+    split_rows = {split: rows[(rows.split == split)] for split in ("val", "test")}
+    scores = calibrate_and_score(
+        model, ImageDataset(split_rows["val"], class_names, transform),
+        ImageDataset(split_rows["test"], class_names, transform) if len(split_rows["test"]) else None,
+        class_names, malignant, card_tta(card), calibration_method_of(card), sensitivity,
+        logits_out=(Path(report_dir) if report_dir else Path(out_dir) / "balancing_report") / "logits.npz",
+    )
+    threshold = scores.threshold
+    op = threshold["threshold"] if threshold else None
     best_epoch = int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1
     original_counts = _counts(rows.label[rows.split == "train"], class_names)
     balancing = {
@@ -524,11 +517,16 @@ def balance_bundle(
         "train_counts_after": _counts(table.label[masks["train"]], class_names),
         "source_bundle": str(Path(bundle_dir).resolve()),
     }
+    shipped = {"validation": card_metrics(scores.val_metrics)}
+    if scores.test_metrics is not None:
+        shipped["test"] = card_metrics(scores.test_metrics)
     card.update({
         "operating_threshold": op,
         "threshold_metrics": threshold,
-        "metrics": {**{"validation" if k == "val" else k: v["after"] for k, v in metrics.items()},
-                    "before_balancing": {("validation" if k == "val" else k): v["before"] for k, v in metrics.items()}},
+        "calibration": scores.calibration,
+        "inference": {"tta": scores.tta},
+        "metrics": {**shipped, "before_balancing": {k: v for k, v in card.get("metrics", {}).items()
+                                                     if k in ("validation", "test")}},
         "manifest_sha256": manifest_sha256(manifest_path),
         "balancing": balancing,
     })

@@ -86,7 +86,7 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluation import evaluate_bundle
 
     out = Path(args.out or Path(args.bundle) / "evaluation")
-    metrics = evaluate_bundle(args.bundle, args.data, out, split=args.split)
+    metrics = evaluate_bundle(args.bundle, args.data, out, split=args.split, tta=args.tta)
     summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"report: {out / 'report.md'}\n{summary}")
 
@@ -102,7 +102,7 @@ def _cmd_predict(args: argparse.Namespace) -> None:
         predict_slides_cli(args)
         return
     paths = list_images(args.images)
-    predictor = Predictor.from_path(args.bundle)
+    predictor = Predictor.from_path(args.bundle, tta=args.tta)
     table, errors = predictor.predict_files(paths)
     write_predictions(table, errors, args.out, "files")
 
@@ -145,12 +145,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="manifest CSV or dataset folder")
     p.add_argument("--split", default="test", help="manifest split to evaluate (default test; all rows if absent)")
     p.add_argument("--out", help="report folder (default BUNDLE/evaluation)")
+    p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
+                   "own setting, which its calibration and threshold were fitted with)")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict a folder or CSV of images; one CSV row per image")
     p.add_argument("--bundle", default=str(default_bundle_path()))
     p.add_argument("--images", required=True, help="folder of images or CSV with a 'path' column")
     p.add_argument("--out", required=True, help="CSV to write")
+    p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
+                   "own setting, which its calibration and threshold were fitted with)")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("serve", help="launch the Gradio web app")
@@ -160,6 +164,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="requests processed at once")
     p.add_argument("--max-file-mb", type=float, default=25.0)
     p.add_argument("--max-megapixels", type=float, default=50.0)
+    p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
+                   "own setting, which its calibration and threshold were fitted with)")
     p.set_defaults(func=_cmd_serve)
 
     for module in COMMAND_MODULES:

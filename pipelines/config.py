@@ -40,6 +40,9 @@ class ModelConfig(Section):
     pretrained: bool = True
     checkpoint: str | None = None
     kwargs: dict[str, Any] = {}
+    color_constancy: Literal["none", "shades_of_gray"] = Field(
+        "none", description="Shades-of-Gray (p = 6) colour constancy before normalisation, in training and serving"
+    )
 
 
 class TrainSettings(Section):
@@ -67,6 +70,16 @@ class TrainSettings(Section):
     target_sensitivity: float = 0.9
     cache_images: bool = True
     resume: bool = True
+    ema_decay: float = Field(0.998, ge=0.0, lt=1.0, description="EMA of the weights (0 = off); the EMA is shipped")
+    schedule_to_budget: bool = Field(
+        True, description="with time_budget_minutes: fit the epochs (and the cosine) to the budget after epoch 1"
+    )
+    channels_last: bool = Field(True, description="channels-last memory layout (faster convolutions on CPU)")
+    mixup_alpha: float = Field(0.0, ge=0.0, description="mixup Beta(alpha, alpha) (0 = off)")
+    cutmix_alpha: float = Field(0.0, ge=0.0, description="cutmix Beta(alpha, alpha) (0 = off)")
+    mix_prob: float = Field(0.5, ge=0.0, le=1.0, description="share of batches mixed when mixup/cutmix is on")
+    calibration: Literal["temperature", "vector", "none"] = "temperature"
+    tta: Literal[1, 8] = Field(8, description="test-time-augmentation views the bundle is validated and shipped with")
 
 
 class EvaluationConfig(Section):

@@ -116,6 +116,25 @@ def choose_operating_threshold(
     }
 
 
+def referral_threshold(
+    labels: np.ndarray,
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    malignant: Sequence[str],
+    target_sensitivity: float,
+) -> dict[str, float] | None:
+    """The referral threshold on P(malignant) chosen on (calibrated) validation probabilities for the target
+    sensitivity; None when no malignant class is known or the split lacks malignant or benign images."""
+    present = [c for c in malignant if c in class_names]
+    if not present:
+        return None
+    y_mal = np.isin(np.asarray(class_names)[np.asarray(labels)], present)
+    if y_mal.all() or not y_mal.any():
+        log.warning("validation split lacks malignant or benign images; no operating threshold chosen")
+        return None
+    return choose_operating_threshold(y_mal, malignant_probability(probs, class_names, present), target_sensitivity)
+
+
 def paired_bootstrap_delta(
     y_true: Sequence[int],
     probs_ref: np.ndarray,
@@ -272,6 +291,32 @@ def save_plots(
     return written
 
 
+def save_reliability_comparison(
+    y_true: np.ndarray, before: np.ndarray, after: np.ndarray, path: Path, what: str = "test split"
+) -> Path:
+    """Reliability diagrams before and after calibration, side by side (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5), sharey=True)
+    for ax, probs, title in zip(axes, (before, after), ("before calibration", "after calibration")):
+        bins = reliability_bins(y_true, probs)
+        ax.plot([0, 1], [0, 1], ":", color="grey")
+        ax.bar([b["confidence"] for b in bins], [b["accuracy"] for b in bins], width=1 / 15, alpha=0.7,
+               edgecolor="k")
+        ax.set(xlabel="confidence", title=f"{title} (ECE {expected_calibration_error(y_true, probs):.3f})",
+               xlim=(0, 1), ylim=(0, 1))
+    axes[0].set_ylabel("accuracy")
+    fig.suptitle(f"Reliability on the {what}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def write_report(
     metrics: dict[str, Any], out_dir: str | Path, title: str = "Evaluation", extra: dict | None = None
 ) -> Path:
@@ -301,15 +346,29 @@ def write_report(
             lines += ["", "## Data", "", "| class | real | synthetic |", "|---|---|---|"]
             for name, counts in value.get("train_counts", {}).items():
                 lines.append(f"| {name} | {counts.get('real', 0)} | {counts.get('synthetic', 0)} |")
-    for png in ("roc.png", "confusion_matrix.png", "reliability.png"):
+    calibration = (extra or {}).get("calibration")
+    if calibration:
+        lines += ["", "## Calibration", "",
+                  f"{calibration['method']} scaling fitted on the {calibration['fitted_on']}"
+                  + (f": temperature {calibration['temperature']:.3f}" if "temperature" in calibration else "")
+                  + f"; validation ECE {calibration['ece_before']:.3f} → {calibration['ece_after']:.3f}, NLL "
+                  f"{calibration['nll_before']:.3f} → {calibration['nll_after']:.3f}."]
+        if "ece_uncalibrated" in metrics:
+            lines.append(f"On this split: ECE {metrics['ece_uncalibrated']:.3f} before, {metrics['ece']:.3f} after.")
+    for png in ("roc.png", "confusion_matrix.png", "reliability.png", "reliability_calibration.png"):
         if (out_dir / png).is_file():
             lines += ["", f"![{png[:-4]}]({png})"]
     (out_dir / "report.md").write_text("\n".join(lines) + "\n")
     return out_dir / "report.md"
 
 
-def evaluate_bundle(bundle_dir: str | Path, data: str | Path, out_dir: str | Path, split: str | None = "test") -> dict:
-    """Evaluate a saved bundle on a manifest (its `split` rows, or all rows) or a dataset folder; write the report."""
+def evaluate_bundle(
+    bundle_dir: str | Path, data: str | Path, out_dir: str | Path, split: str | None = "test", tta: int | None = None
+) -> dict:
+    """Evaluate a saved bundle on a manifest (its `split` rows, or all rows) or a dataset folder; write the report.
+
+    Probabilities are the bundle's calibrated ones, with its own test-time augmentation unless `tta` overrides it.
+    """
     import pandas as pd
 
     from pipelines.manifest import ingest_class_folders, ingest_ham10000, read_manifest
@@ -326,7 +385,7 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path, out_dir: str | Pat
         manifest = ingest_class_folders(data)
     else:
         raise FileNotFoundError(f"evaluation data '{data}' is neither a manifest CSV nor a dataset folder")
-    predictor = Predictor.from_path(bundle_dir)
+    predictor = Predictor.from_path(bundle_dir, tta=tta)
     unknown = sorted(set(manifest.label) - set(predictor.class_names))
     if unknown:
         raise ValueError(
@@ -342,7 +401,9 @@ def evaluate_bundle(bundle_dir: str | Path, data: str | Path, out_dir: str | Pat
     out_dir = Path(out_dir)
     save_plots(y_true, probs, predictor.class_names, predictor.bundle.malignant_classes, out_dir)
     write_report(
-        metrics, out_dir, f"Evaluation of {bundle_dir} on {data}", {"skipped_images": [str(e) for e in errors]}
+        metrics, out_dir, f"Evaluation of {bundle_dir} on {data}",
+        {"skipped_images": [str(e) for e in errors], "tta": predictor.tta,
+         "calibration": predictor.bundle.card.get("calibration")},
     )
     pd.DataFrame(table).to_csv(out_dir / "predictions.csv", index=False)
     return metrics

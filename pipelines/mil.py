@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from pipelines.bags import Bag, TilingSettings, load_bag, patches_to_tensor
+from pipelines.calibration import calibrated_probs, fit_calibration
 
 log = logging.getLogger(__name__)
 
@@ -182,12 +183,34 @@ def train_in_memory(
 
 
 @torch.no_grad()
-def predict_dataset_bags(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> np.ndarray:
-    """(B, C) softmax probabilities for every bag of a dataset."""
+def predict_dataset_bags(
+    model: nn.Module, dataset: Dataset, batch_size: int = 16, calibration: dict[str, Any] | None = None
+) -> np.ndarray:
+    """(B, C) (calibrated) class probabilities for every bag of a dataset."""
+    return calibrated_probs(dataset_bag_logits(model, dataset, batch_size), calibration)
+
+
+@torch.no_grad()
+def dataset_bag_logits(model: nn.Module, dataset: Dataset, batch_size: int = 16) -> np.ndarray:
+    """(B, C) logits for every bag of a dataset."""
     model.eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_bags)
-    probs = [torch.softmax(model(x, mask).float(), dim=-1) for x, mask, _ in loader]
-    return torch.cat(probs).numpy() if probs else np.zeros((0, 0))
+    logits = [model(x, mask).float() for x, mask, _ in loader]
+    return torch.cat(logits).numpy() if logits else np.zeros((0, 0))
+
+
+# Temperature scaling needs enough validation cases that a perfectly separated handful does not drive the
+# temperature towards 0 (an over-confident model "calibrated" on 6 slides).
+MIN_CALIBRATION_CASES = 30
+
+
+def fit_bag_calibration(logits: np.ndarray, labels: np.ndarray, method: str = "temperature") -> dict[str, Any]:
+    """The calibration block of a MIL bundle: fitted on validation bags when there are enough of them."""
+    if len(labels) < MIN_CALIBRATION_CASES or len(np.unique(labels)) < 2:
+        return {"method": "none", "temperature": 1.0, "fitted_on": "nothing",
+                "reason": f"{len(labels)} validation slides; temperature scaling needs at least "
+                          f"{MIN_CALIBRATION_CASES} covering every class"}
+    return fit_calibration(logits, labels, method, fitted_on=f"validation split ({len(labels)} slides)")
 
 
 # The run stage
@@ -222,7 +245,9 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
 
     run_dir = Path(run_dir)
     mil = load_mil_config(config.mil)
-    settings = config.training
+    # Bags are few (tens of slides): an EMA over so few steps would stay near the initialisation, and the
+    # supervised-contrastive β schedule already decides which epoch is shipped.
+    settings = config.training.model_copy(update={"ema_decay": 0.0, "channels_last": False})
     mil_dir = run_dir / "mil"
     slides = _slides_for(config, mil, Path(manifest_path) if manifest_path else None)
     slides_path = write_manifest(slides, mil_dir / "slides.csv")
@@ -310,8 +335,9 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
                  result.best_epoch, mil.select_below_beta, selected_epoch)
 
     malignant = [c for c in mil.malignant_classes if c in class_names]
-    val_probs = predict_dataset_bags(model, datasets["val"])
     val_labels = by_split["val"].label.map(index).to_numpy()
+    calibration = fit_bag_calibration(dataset_bag_logits(model, datasets["val"]), val_labels, settings.calibration)
+    val_probs = predict_dataset_bags(model, datasets["val"], calibration=calibration)
     threshold = None
     if malignant:
         y_mal = np.isin(np.asarray(class_names)[val_labels], malignant)
@@ -321,7 +347,7 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
         else:
             log.warning("validation slides hold one class only; no operating threshold chosen")
     eval_split = "test" if len(datasets["test"]) else "val"
-    probs = predict_dataset_bags(model, datasets[eval_split])
+    probs = predict_dataset_bags(model, datasets[eval_split], calibration=calibration)
     labels = by_split[eval_split].label.map(index).to_numpy()
     metrics = compute_metrics(labels, probs, class_names, malignant, threshold["threshold"] if threshold else None)
     card = {
@@ -333,6 +359,7 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
         "normalization": norm,
         "tiling": tiling.model_dump(mode="json"),
         "mil": {"method": mil.method, "schedule": mil.schedule, "temperature": mil.temperature},
+        "calibration": calibration,
         "operating_threshold": threshold["threshold"] if threshold else None,
         "threshold_metrics": threshold,
         "metrics": {"split": eval_split, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}},
@@ -382,7 +409,7 @@ def predict_bag(bundle, bag: Bag) -> BagPrediction:
     x = patches_to_tensor(bag.patches, bundle.input_size, norm["mean"], norm["std"])
     device = next(bundle.model.parameters()).device
     output = bundle.model(x.unsqueeze(0).to(device), return_all=True)
-    probs = torch.softmax(output.logits.float(), dim=-1)[0].cpu().numpy()
+    probs = calibrated_probs(output.logits.float().cpu().numpy(), bundle.card.get("calibration"))[0]
     return BagPrediction(bag.slide_id, probs, output.attention[0].float().cpu().numpy(), bag)
 
 

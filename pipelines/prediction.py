@@ -13,43 +13,109 @@ import torch
 from PIL import Image
 
 from models.bundle import Bundle, load_bundle
+from pipelines.calibration import calibrated_probs
 from pipelines.images import IMAGE_SUFFIXES, ImageError, ImageLimits, load_image
-from pipelines.transforms import eval_transform
+from pipelines.transforms import card_transform, dihedral_views
 
 log = logging.getLogger(__name__)
 
 
-class Predictor:
-    """Wraps a loaded bundle: preprocessing exactly as in evaluation, softmax probabilities, P(malignant)."""
+TTA_CHOICES = (1, 8)
 
-    def __init__(self, bundle: Bundle, limits: ImageLimits | None = None, batch_size: int = 32) -> None:
+
+def card_tta(card: dict) -> int:
+    """How many test-time-augmentation views a bundle was validated with (1 for bundles that do not say)."""
+    return int((card.get("inference") or {}).get("tta", 1))
+
+
+def check_tta(tta: int) -> int:
+    if tta not in TTA_CHOICES:
+        raise ValueError(f"test-time augmentation takes {' or '.join(map(str, TTA_CHOICES))} views, got {tta}")
+    return tta
+
+
+def view_logits(model: torch.nn.Module, batch: torch.Tensor, tta: int = 1) -> torch.Tensor:
+    """(N, V, C) float32 logits of V = `tta` dihedral views of an NCHW batch (one forward over all views)."""
+    check_tta(tta)
+    if tta == 1:
+        return model(batch).float()[:, None]
+    views = dihedral_views(batch)
+    logits = model(torch.cat(views)).float()
+    return logits.reshape(len(views), len(batch), -1).transpose(0, 1)
+
+
+@torch.inference_mode()
+def dataset_logits(
+    model: torch.nn.Module, dataset, tta: int = 1, batch_size: int = 32
+) -> tuple[np.ndarray, np.ndarray]:
+    """((N, V, C) logits, (N,) labels) over a dataset of (image tensor, label) on the model's device."""
+    from torch.utils.data import DataLoader
+    from tqdm.auto import tqdm
+
+    device = next(model.parameters()).device
+    model.eval()
+    logits, labels = [], []
+    for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"predicting (tta {tta})",
+                                leave=False, disable=len(dataset) < 256):
+        logits.append(view_logits(model, images.to(device), tta).cpu().numpy())
+        labels.append(np.asarray(targets))
+    return np.concatenate(logits), np.concatenate(labels)
+
+
+class _Member:
+    """One network of a bundle with its own preprocessing, calibration and test-time augmentation."""
+
+    def __init__(self, bundle: Bundle, tta: int | None) -> None:
+        self.model = bundle.model
+        self.transform = card_transform(bundle.card)
+        self.calibration = bundle.card.get("calibration")
+        self.tta = check_tta(int(tta)) if tta is not None else card_tta(bundle.card)
+        self.device = next(bundle.model.parameters()).device
+
+
+class Predictor:
+    """Wraps a loaded bundle: preprocessing exactly as in evaluation, calibrated (and test-time-augmented)
+    probabilities, P(malignant). An ensemble bundle's probabilities are the mean of its members'.
+
+    `tta` overrides the number of test-time-augmentation views the bundle was validated with (its card's
+    `inference.tta`); calibration and the operating threshold were fitted with the card's own setting.
+    """
+
+    def __init__(
+        self, bundle: Bundle, limits: ImageLimits | None = None, batch_size: int = 32, tta: int | None = None
+    ) -> None:
         self.bundle = bundle
         self.class_names = bundle.class_names
-        norm = bundle.card["normalization"]
-        self.transform = eval_transform(bundle.input_size, norm["mean"], norm["std"])
+        self.members = [_Member(member, tta) for member in (bundle.members or [bundle])]
+        self.transform = self.members[0].transform
+        self.tta = max(member.tta for member in self.members)
         self.limits = limits or ImageLimits(min_side=int(bundle.card.get("min_input_side", 32)))
         self.batch_size = batch_size
-        self.device = next(bundle.model.parameters()).device
+        self.device = self.members[0].device
         self._lock = threading.Lock()  # one forward at a time per model: safe under Gradio's thread pool
         present = [c for c in bundle.malignant_classes if c in self.class_names]
         self.malignant_index = [self.class_names.index(c) for c in present]
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str = "cpu") -> "Predictor":
+    def from_path(cls, path: str | Path, device: str = "cpu", tta: int | None = None) -> "Predictor":
         """Load the bundle at `path` and wrap it."""
-        return cls(load_bundle(path, device=device))
+        return cls(load_bundle(path, device=device), tta=tta)
 
     @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(N, C) class probabilities for RGB images."""
+        """(N, C) calibrated class probabilities for RGB images."""
         if not images:
             return np.zeros((0, len(self.class_names)), dtype=np.float32)
         outputs = []
         for start in range(0, len(images), self.batch_size):
-            batch = torch.stack([self.transform(im) for im in images[start : start + self.batch_size]])
-            with self._lock:
-                logits = self.bundle.model(batch.to(self.device))
-            outputs.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+            chunk = images[start : start + self.batch_size]
+            probs = []
+            for member in self.members:
+                batch = torch.stack([member.transform(im) for im in chunk]).to(member.device)
+                with self._lock:
+                    logits = view_logits(member.model, batch, member.tta)
+                probs.append(calibrated_probs(logits.cpu().numpy(), member.calibration))
+            outputs.append(np.mean(probs, axis=0).astype(np.float32))
         return np.concatenate(outputs)
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:

@@ -760,12 +760,13 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     from models.bundle import load_bundle, save_bundle
     from models.pruned import extract_channel_plan
     from pipelines.balancing import build_loss, class_weights
+    from pipelines.calibration import calibrate_and_score, calibration_method_of
     from pipelines.config import TrainSettings
     from pipelines.data import ImageDataset
-    from pipelines.evaluation import choose_operating_threshold, malignant_probability
     from pipelines.manifest import read_manifest
-    from pipelines.training import class_counts, fit
-    from pipelines.transforms import eval_transform, train_transform
+    from pipelines.prediction import card_tta
+    from pipelines.training import card_metrics, class_counts, fit
+    from pipelines.transforms import card_transform, train_transform
 
     torch.manual_seed(settings.seed)
     bundle = load_bundle(bundle_dir)
@@ -783,7 +784,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     if eval_df.empty:
         log.warning("manifest has no '%s' rows; reporting on the validation split", settings.eval_split)
         eval_df = val_df
-    evaluate = eval_transform(size, norm["mean"], norm["std"])
+    evaluate = card_transform(card)
+    constancy = evaluate.color_constancy
     calib_rows = balanced_calibration_rows(train_df, settings.calibration_per_class, settings.seed)
     calibration = [x for x, _ in DataLoader(ImageDataset(calib_rows, class_names, evaluate), batch_size=32)]
     norm_rows = train_df.sample(n=min(settings.batchnorm_images, len(train_df)), random_state=settings.seed)
@@ -806,9 +808,9 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
         train_settings = TrainSettings(
             epochs=settings.fine_tune_epochs, batch_size=settings.batch_size, lr=settings.fine_tune_lr,
             warmup_epochs=0, patience=settings.fine_tune_epochs, max_steps_per_epoch=settings.max_steps_per_epoch,
-            device="cpu", seed=settings.seed, resume=False, class_weighting=weighting,
+            device="cpu", seed=settings.seed, resume=False, class_weighting=weighting, ema_decay=0.0,
         )
-        train_ds = ImageDataset(train_df, class_names, train_transform(size, norm["mean"], norm["std"]))
+        train_ds = ImageDataset(train_df, class_names, train_transform(size, norm["mean"], norm["std"], constancy))
         generator = torch.Generator().manual_seed(settings.seed + stage)
         train_loader = DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=generator,
                                   drop_last=len(train_ds) > settings.batch_size)
@@ -833,16 +835,22 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
 
     new_card = json_copy(card)
     new_card["architecture"]["channel_plan"] = extract_channel_plan(model)
-    threshold = None
-    if malignant:
-        val_loader = DataLoader(ImageDataset(val_df, class_names, evaluate), batch_size=64)
-        val_probs, val_y = predict_probs(model, val_loader)
-        y_mal = np.isin(np.asarray(class_names)[val_y], malignant)
-        if 0 < y_mal.sum() < len(y_mal):
-            threshold = choose_operating_threshold(y_mal, malignant_probability(val_probs, class_names, malignant),
-                                                   settings.target_sensitivity)
+    # The pruned net is a new model: re-fit its calibration and referral threshold on validation, with the
+    # bundle's own test-time augmentation, and let its card show its own numbers.
+    scores = calibrate_and_score(
+        model, ImageDataset(val_df, class_names, evaluate),
+        ImageDataset(eval_df, class_names, evaluate) if settings.eval_split == "test" else None,
+        class_names, malignant, card_tta(card), calibration_method_of(card), settings.target_sensitivity,
+    )
+    threshold = scores.threshold
     new_card["operating_threshold"] = threshold["threshold"] if threshold else None
     new_card["threshold_metrics"] = threshold
+    new_card["calibration"] = scores.calibration
+    new_card["inference"] = {"tta": scores.tta}
+    unpruned = {k: v for k, v in card.get("metrics", {}).items() if k in ("validation", "test")}
+    new_card["metrics"] = {"validation": card_metrics(scores.val_metrics), "before_pruning": unpruned}
+    if scores.test_metrics is not None:
+        new_card["metrics"]["test"] = card_metrics(scores.test_metrics)
     new_card.setdefault("metrics", {})[f"pruned_{settings.eval_split}"] = after["accuracy"]
     report = {
         "settings": settings.model_dump(), "source_bundle": str(bundle_dir), "manifest": str(manifest_path),

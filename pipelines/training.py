@@ -27,6 +27,7 @@ from pipelines.config import RunConfig, TrainSettings
 log = logging.getLogger(__name__)
 
 Batch = Any
+EMA_FILE = "ema.safetensors"
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -40,6 +41,9 @@ class FitResult:
     best_score: float
     history: list[dict[str, float]] = field(default_factory=list)
     train_images_per_s: float = float("nan")
+    planned_epochs: int = 0
+    train_minutes: float = float("nan")
+    raw_weights: Path | None = None  # the last epoch's raw (non-EMA) weights, when an EMA was shipped instead
 
 
 def default_forward(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
@@ -54,16 +58,88 @@ def class_counts(labels: list[str] | pd.Series, class_names: list[str]) -> list[
     return [int((series == name).sum()) for name in class_names]
 
 
-def warmup_cosine(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
-    """LR multiplier: linear warm-up to 1, then cosine decay to 0."""
+def warmup_cosine(total_steps: int | Callable[[], int], warmup_steps: int) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then cosine decay to 0 at `total_steps` (a number, or a callable read at
+    every step, so a schedule can be re-planned to fit a time budget)."""
+    total = total_steps if callable(total_steps) else (lambda: total_steps)
 
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+        progress = (step - warmup_steps) / max(1, total() - warmup_steps)
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return factor
+
+
+def epochs_within_budget(budget_minutes: float, first_epoch_minutes: float, epochs: int) -> int:
+    """How many epochs of the measured length fit the budget (at least 1, at most `epochs`)."""
+    if first_epoch_minutes <= 0:
+        return epochs
+    return max(1, min(epochs, int(budget_minutes // first_epoch_minutes)))
+
+
+def mixing_loss_forward(
+    loss_fn: LossFn, mixup_alpha: float, cutmix_alpha: float, prob: float, seed: int = 0, channels_last: bool = False
+) -> Callable[[nn.Module, Batch, int], torch.Tensor]:
+    """A `loss_forward` that mixes a share `prob` of the batches by mixup (Zhang et al. 2018) or cutmix (Yun et al.
+    2019), with λ ~ Beta(α, α), and mixes the loss of the two label sets by the same λ."""
+    if mixup_alpha <= 0 and cutmix_alpha <= 0:
+        raise ValueError("mixing needs mixup_alpha or cutmix_alpha above 0")
+    rng = np.random.default_rng(seed)
+
+    def loss_forward(model: nn.Module, batch: Batch, epoch: int) -> torch.Tensor:
+        images, labels = batch
+        if channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
+        if rng.random() >= prob:
+            return loss_fn(model(images).float(), labels)
+        use_cutmix = cutmix_alpha > 0 and (mixup_alpha <= 0 or rng.random() < 0.5)
+        lam = float(rng.beta(cutmix_alpha, cutmix_alpha) if use_cutmix else rng.beta(mixup_alpha, mixup_alpha))
+        perm = torch.from_numpy(rng.permutation(len(labels))).to(images.device)
+        if use_cutmix:
+            height, width = images.shape[-2:]
+            cut_h, cut_w = int(height * math.sqrt(1 - lam)), int(width * math.sqrt(1 - lam))
+            cy, cx = int(rng.integers(height)), int(rng.integers(width))
+            top, bottom = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, height)
+            left, right = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, width)
+            images = images.clone()
+            images[..., top:bottom, left:right] = images[perm][..., top:bottom, left:right]
+            lam = 1 - (bottom - top) * (right - left) / (height * width)
+        else:
+            images = lam * images + (1 - lam) * images[perm]
+        logits = model(images).float()
+        return lam * loss_fn(logits, labels) + (1 - lam) * loss_fn(logits, labels[perm])
+
+    return loss_forward
+
+
+def ema_update(decay: float) -> Callable[[list, list, Any], None]:
+    """AveragedModel's update for an EMA whose decay warms up as min(decay, (1 + n) / (10 + n)) after n updates
+    (as TensorFlow's ExponentialMovingAverage with num_updates), so short runs are not dominated by the start."""
+
+    @torch.no_grad()
+    def update(ema_params: list[torch.Tensor], params: list[torch.Tensor], num_averaged: Any) -> None:
+        n = int(num_averaged)
+        weight = 1.0 - min(decay, (1.0 + n) / (10.0 + n))
+        floats = [(e, p) for e, p in zip(ema_params, params) if e.is_floating_point()]
+        for ema_param, param in floats:
+            ema_param.lerp_(param, weight)
+        for ema_param, param in zip(ema_params, params):
+            if not ema_param.is_floating_point():  # BatchNorm's num_batches_tracked
+                ema_param.copy_(param)
+
+    return update
+
+
+def channels_last_forward(forward: ForwardFn) -> ForwardFn:
+    """`forward` with the images of each batch in channels-last layout."""
+
+    def wrapped(model: nn.Module, batch: Batch) -> tuple[torch.Tensor, torch.Tensor]:
+        images, labels = batch
+        return forward(model, (images.contiguous(memory_format=torch.channels_last), labels))
+
+    return wrapped
 
 
 def make_accelerator(settings: TrainSettings):
@@ -123,6 +199,9 @@ def fit(
 ) -> FitResult:
     """Train with AdamW + warm-up/cosine, early-stop on validation balanced accuracy, checkpoint every epoch.
 
+    With `settings.ema_decay` > 0 an exponential moving average of the weights (buffers included) is kept; it is
+    what is validated, selected and returned. With `settings.time_budget_minutes` and `settings.schedule_to_budget`
+    the first epoch's duration fixes how many epochs fit the budget, and the cosine decays to 0 at their end.
     `on_epoch_start(epoch, total_epochs)` lets a task change per-epoch state (SC-MIL's β schedule);
     `loss_forward(model, batch, epoch)` replaces `loss_fn(forward(...))` for losses that need more than logits.
     A run directory that holds `checkpoints/last` is resumed when `settings.resume` is true.
@@ -141,18 +220,30 @@ def fit(
     steps_per_epoch = len(train_loader)
     if settings.max_steps_per_epoch:
         steps_per_epoch = min(steps_per_epoch, settings.max_steps_per_epoch)
-    total_steps = max(1, steps_per_epoch * settings.epochs)
+    state = {"epoch": 0, "best_epoch": -1, "best_score": -1.0, "history": [], "bad_epochs": 0,
+             "planned_epochs": settings.epochs, "train_seconds": 0.0}
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, warmup_cosine(total_steps, int(settings.warmup_epochs * steps_per_epoch))
+        optimizer,
+        warmup_cosine(lambda: max(1, steps_per_epoch * state["planned_epochs"]),
+                      int(settings.warmup_epochs * steps_per_epoch)),
     )
     accelerator.register_for_checkpointing(scheduler)
+    ema = None
+    if settings.ema_decay > 0:
+        from torch.optim.swa_utils import AveragedModel
 
-    state = {"epoch": 0, "best_epoch": -1, "best_score": -1.0, "history": [], "bad_epochs": 0}
+        ema = AveragedModel(accelerator.unwrap_model(model), multi_avg_fn=ema_update(settings.ema_decay),
+                            use_buffers=True)
+
     last = ckpt_dir / "last"
     if settings.resume and (last / "trainer_state.json").is_file():
         accelerator.load_state(str(last))
-        state = json.loads((last / "trainer_state.json").read_text())
+        state = {**state, **json.loads((last / "trainer_state.json").read_text())}
+        if ema is not None and (last / EMA_FILE).is_file():
+            ema.module.load_state_dict(load_file(last / EMA_FILE, device="cpu"))
+            ema.n_averaged.fill_(int(state.get("ema_updates", 1)))
         log.info("resumed from %s after epoch %d", last, state["epoch"])
+    scored = ema.module if ema is not None else model
 
     writer = None
     if main:
@@ -162,6 +253,8 @@ def fit(
 
     images_seen, train_seconds, fit_started = 0, 0.0, time.perf_counter()
     for epoch in range(state["epoch"], settings.epochs):
+        if epoch >= state["planned_epochs"]:
+            break
         if state["bad_epochs"] >= settings.patience:
             log.info("early stop: no better validation balanced accuracy for %d epochs", settings.patience)
             break
@@ -191,6 +284,8 @@ def fit(
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
+            if ema is not None:
+                ema.update_parameters(accelerator.unwrap_model(model))
             running += loss.item()
             n_batches += 1
             images_seen += len(batch[1]) * accelerator.num_processes
@@ -198,8 +293,9 @@ def fit(
             bar.set_postfix(loss=f"{running / n_batches:.3f}")
         bar.close()
         train_seconds += time.perf_counter() - started
+        state["train_seconds"] = state.get("train_seconds", 0.0) + time.perf_counter() - started
 
-        probs, labels = predict_loader(model, val_loader, accelerator, forward)
+        probs, labels = predict_loader(scored, val_loader, accelerator, forward)
         score = float(balanced_accuracy_score(labels, probs.argmax(1)))
         val_loss = float(-np.log(np.clip(probs[np.arange(len(labels)), labels], 1e-12, None)).mean())
         record = {
@@ -208,6 +304,7 @@ def fit(
             "val_balanced_accuracy": score,
             "val_loss": val_loss,
             "lr": scheduler.get_last_lr()[0],
+            "minutes": (time.perf_counter() - fit_started) / 60,
         }
         state["history"].append(record)
         # Balanced accuracy saturates on small validation sets (SC-MIL reaches 1.0 while its classifier is still
@@ -218,11 +315,20 @@ def fit(
         if improved:
             state.update(best_score=score, best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             if main:
-                _save_weights(accelerator.unwrap_model(model), ckpt_dir / "best.safetensors")
+                _save_weights(accelerator.unwrap_model(scored), ckpt_dir / "best.safetensors")
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
-        _checkpoint(accelerator, ckpt_dir, state)
+        if ema is not None:
+            state["ema_updates"] = int(ema.n_averaged)
+        if (epoch == 0 and settings.schedule_to_budget and settings.time_budget_minutes is not None
+                and state["planned_epochs"] == settings.epochs):
+            epoch_minutes = (time.perf_counter() - fit_started) / 60
+            state["planned_epochs"] = epochs_within_budget(settings.time_budget_minutes, epoch_minutes,
+                                                           settings.epochs)
+            log.info("epoch 1 took %.1f min: %d of %d epochs fit the %.0f-minute budget; the cosine ends there",
+                     epoch_minutes, state["planned_epochs"], settings.epochs, settings.time_budget_minutes)
+        _checkpoint(accelerator, ckpt_dir, state, {EMA_FILE: ema.module} if ema is not None else None)
         if writer is not None:
             for key, value in record.items():
                 if key != "epoch":
@@ -233,6 +339,11 @@ def fit(
         writer.close()
     accelerator.wait_for_everyone()
     unwrapped = accelerator.unwrap_model(model)
+    raw = None
+    if ema is not None:
+        raw = ckpt_dir / "last_raw.safetensors"
+        if main:
+            _save_weights(unwrapped, raw)
     best = ckpt_dir / "best.safetensors"
     if best.is_file():
         unwrapped.load_state_dict(load_file(best, device="cpu"))
@@ -242,6 +353,9 @@ def fit(
         best_score=state["best_score"],
         history=state["history"],
         train_images_per_s=images_seen / train_seconds if train_seconds else float("nan"),
+        planned_epochs=state["planned_epochs"],
+        train_minutes=state.get("train_seconds", 0.0) / 60,
+        raw_weights=raw,
     )
 
 
@@ -251,7 +365,7 @@ def _save_weights(model: nn.Module, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
+def _checkpoint(accelerator, ckpt_dir: Path, state: dict, extra: dict[str, nn.Module] | None = None) -> None:
     """Write `checkpoints/last` atomically: save into a fresh folder, then swap it in."""
     tmp = ckpt_dir / f".last-{state['epoch']}"
     if accelerator.is_main_process and tmp.exists():
@@ -261,6 +375,8 @@ def _checkpoint(accelerator, ckpt_dir: Path, state: dict) -> None:
     # Every rank writes its own random state into `tmp`: only swap the folder in once all of them have.
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for name, module in (extra or {}).items():
+            _save_weights(module, tmp / name)
         _atomic_json(tmp / "trainer_state.json", state)
         old = ckpt_dir / ".last-old"
         last = ckpt_dir / "last"
@@ -293,12 +409,13 @@ def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np
 
 
 def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
-    """Train the configured image classifier on a run's manifest; write the bundle and the evaluation report."""
+    """Train the configured image classifier on a run's manifest; calibrate it; write the bundle and the report."""
     from models.bundle import save_bundle
     from models.registry import build_model, default_normalization
     from pipelines.balancing import build_loss, build_sampler
+    from pipelines.calibration import calibrate_and_score
     from pipelines.data import ImageDataset
-    from pipelines.evaluation import choose_operating_threshold, compute_metrics, save_plots, write_report
+    from pipelines.evaluation import save_plots, save_reliability_comparison, write_report
     from pipelines.manifest import SPLITS, class_names_of, manifest_sha256, read_manifest
     from pipelines.transforms import eval_transform, train_transform
 
@@ -320,6 +437,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
 
     accelerator = make_accelerator(settings)
     norm = default_normalization(model_cfg.name)
+    constancy = None if model_cfg.color_constancy == "none" else model_cfg.color_constancy
     model = build_model(
         model_cfg.name,
         len(class_names),
@@ -328,11 +446,13 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         pretrained=model_cfg.pretrained,
         **model_cfg.kwargs,
     )
+    cache_dir = run_dir / "image_cache" if settings.cache_images else None
     train_ds = ImageDataset(
-        train_df, class_names, train_transform(model_cfg.img_size, **norm), settings.cache_images, settings.seed
+        train_df, class_names, train_transform(model_cfg.img_size, **norm, color_constancy=constancy),
+        seed=settings.seed, cache_dir=cache_dir,
     )
-    evaluate = eval_transform(model_cfg.img_size, **norm)
-    val_ds = ImageDataset(val_df, class_names, evaluate, settings.cache_images)
+    evaluate = eval_transform(model_cfg.img_size, **norm, color_constancy=constancy)
+    val_ds = ImageDataset(val_df, class_names, evaluate, cache_dir=cache_dir)
     sampler = build_sampler(train_ds.labels, len(class_names), settings.sampler, settings.seed)
     generator = torch.Generator().manual_seed(settings.seed)
     train_loader = DataLoader(
@@ -343,6 +463,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         num_workers=settings.num_workers,
         drop_last=len(train_ds) > settings.batch_size,
         generator=generator,
+        persistent_workers=settings.num_workers > 0,
     )
     val_loader = DataLoader(val_ds, batch_size=settings.batch_size * 2, num_workers=settings.num_workers)
     loss_fn = build_loss(
@@ -354,6 +475,14 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         settings.logit_tau,
         settings.label_smoothing,
     ).to(accelerator.device)
+    forward = default_forward
+    if settings.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+        forward = channels_last_forward(forward)
+    loss_forward = None
+    if settings.mixup_alpha > 0 or settings.cutmix_alpha > 0:
+        loss_forward = mixing_loss_forward(loss_fn, settings.mixup_alpha, settings.cutmix_alpha, settings.mix_prob,
+                                           settings.seed, settings.channels_last)
     log.info(
         "training %s on %d images (%s), validating on %d",
         model_cfg.name,
@@ -361,19 +490,17 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         dict(zip(class_names, counts)),
         len(val_ds),
     )
-    result = fit(model, train_loader, val_loader, loss_fn, settings, run_dir, accelerator)
+    result = fit(model, train_loader, val_loader, loss_fn, settings, run_dir, accelerator, forward=forward,
+                 loss_forward=loss_forward)
     if not accelerator.is_main_process:
         return run_dir / "bundle"
 
-    model = result.model
+    model = result.model.to(memory_format=torch.contiguous_format)
     malignant = [c for c in config.data.malignant_classes if c in class_names]
-    val_probs, val_labels, _ = predict_dataset(model, val_ds)
-    val_metrics = compute_metrics(val_labels, val_probs, class_names, malignant)
-    threshold = None
-    if malignant:
-        y_mal = np.isin(np.asarray(class_names)[val_labels], malignant)
-        p_mal = val_probs[:, [class_names.index(c) for c in malignant]].sum(1)
-        threshold = choose_operating_threshold(y_mal, p_mal, settings.target_sensitivity)
+    report_dir = run_dir / "report"
+    test_ds = ImageDataset(test_df, class_names, evaluate, cache_dir=cache_dir) if len(test_df) else None
+    scores = calibrate_and_score(model, val_ds, test_ds, class_names, malignant, settings.tta, settings.calibration,
+                                 settings.target_sensitivity, logits_out=report_dir / "logits.npz")
     source_counts = {
         name: {src: int(((train_df.label == name) & (train_df.source == src)).sum()) for src in ("real", "synthetic")}
         for name in class_names
@@ -385,54 +512,67 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         "malignant_classes": malignant,
         "input_size": model_cfg.img_size,
         "normalization": norm,
-        "operating_threshold": threshold["threshold"] if threshold else None,
-        "threshold_metrics": threshold,
-        "metrics": {"validation": _headline(val_metrics)},
+        "preprocessing": {"color_constancy": constancy},
+        "inference": {"tta": scores.tta},
+        "calibration": scores.calibration,
+        "operating_threshold": scores.threshold["threshold"] if scores.threshold else None,
+        "threshold_metrics": scores.threshold,
+        "metrics": {"validation": card_metrics(scores.val_metrics)},
         "manifest_sha256": manifest_sha256(manifest_path),
         "training": {
             "images": len(train_ds),
             "train_counts": source_counts,
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
+            "epochs_planned": result.planned_epochs,
+            "train_minutes": result.train_minutes,
             "loss": settings.loss,
             "class_weighting": settings.class_weighting,
             "sampler": settings.sampler,
+            "lr": settings.lr,
+            "batch_size": settings.batch_size,
+            "weight_decay": settings.weight_decay,
+            "ema_decay": settings.ema_decay,
+            "mixup_alpha": settings.mixup_alpha,
+            "cutmix_alpha": settings.cutmix_alpha,
+            "mixed_precision": settings.mixed_precision,
             "pretrained": model_cfg.pretrained,
             "seed": settings.seed,
-            "data": str(config.data.root),
+            "data": Path(config.data.root).name if config.data.format != "manifest" else Path(
+                config.data.manifest or "").name,
         },
     }
-    report_dir = run_dir / "report"
     extra = {
         "data": {"train_counts": source_counts},
         "history": result.history,
         "train_images_per_s": result.train_images_per_s,
-        "validation": val_metrics,
+        "validation": scores.val_metrics,
+        "calibration": scores.calibration,
+        "tta": scores.tta,
     }
-    if len(test_df):
-        test_ds = ImageDataset(test_df, class_names, evaluate)
-        test_probs, test_labels, infer_speed = predict_dataset(model, test_ds)
-        test_metrics = compute_metrics(
-            test_labels, test_probs, class_names, malignant, threshold["threshold"] if threshold else None
-        )
-        card["metrics"]["test"] = _headline(test_metrics)
-        extra["inference_images_per_s"] = infer_speed
-        save_plots(test_labels, test_probs, class_names, malignant, report_dir)
-        write_report(test_metrics, report_dir, f"{model_cfg.name} on the held-out test split", extra)
+    if scores.test_metrics is not None:
+        card["metrics"]["test"] = card_metrics(scores.test_metrics)
+        extra["inference_images_per_s"] = scores.inference_images_per_s
+        save_plots(scores.test_labels, scores.test_probs, class_names, malignant, report_dir)
+        save_reliability_comparison(scores.test_labels, scores.test_probs_uncalibrated, scores.test_probs,
+                                    report_dir / "reliability_calibration.png", "test split")
+        write_report(scores.test_metrics, report_dir, f"{model_cfg.name} on the held-out test split", extra)
     else:
-        save_plots(val_labels, val_probs, class_names, malignant, report_dir)
-        write_report(val_metrics, report_dir, f"{model_cfg.name} on the validation split", extra)
+        save_plots(scores.val_labels, scores.val_probs, class_names, malignant, report_dir)
+        save_reliability_comparison(scores.val_labels, scores.val_probs_uncalibrated, scores.val_probs,
+                                    report_dir / "reliability_calibration.png", "validation split")
+        write_report(scores.val_metrics, report_dir, f"{model_cfg.name} on the validation split", extra)
     card["metrics"]["train_images_per_s"] = result.train_images_per_s
     bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card)
     log.info("bundle written to %s, report to %s", bundle_dir, report_dir / "report.md")
     return bundle_dir
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
+def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics a model card shows (no confusion matrix)."""
     from pipelines.evaluation import HEADLINE_METRICS
 
-    keep = (*HEADLINE_METRICS, "at_operating_threshold")
+    keep = (*HEADLINE_METRICS, "at_operating_threshold", "ece_uncalibrated")
     headline = {k: metrics[k] for k in keep if k in metrics}
     headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
     return headline

@@ -31,7 +31,8 @@ class Indexed(Dataset):
 
 
 def main(out: Path) -> None:
-    settings = TrainSettings(epochs=2, batch_size=4, lr=1e-2, warmup_epochs=0, device="cpu", seed=0, resume=False)
+    settings = TrainSettings(epochs=2, batch_size=4, lr=1e-2, warmup_epochs=0, device="cpu", seed=0, resume=False,
+                             ema_decay=0.0)
     accelerator = make_accelerator(settings)
     seen: list[int] = []
 

@@ -126,3 +126,18 @@ def test_console_script_help_is_fast_to_reach():
     assert done.returncode == 0
     for command in ("ingest", "run", "train", "evaluate", "predict", "serve"):
         assert command in done.stdout
+
+
+def test_predict_tta_flag_overrides_the_bundle_setting(tiny_bundle, image_folder, tmp_path, capsys):
+    one, eight = tmp_path / "tta1.csv", tmp_path / "tta8.csv"
+    base = ["predict", "--bundle", str(tiny_bundle), "--images", str(image_folder)]
+    assert main([*base, "--out", str(one), "--tta", "1"]) == 0
+    assert main([*base, "--out", str(eight)]) == 0  # the bundle's own setting: 8 views
+    files = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:5]
+    direct, _ = Predictor.from_path(tiny_bundle, tta=1).predict_files(files)
+    table = pd.read_csv(one).set_index("image_id")
+    assert np.allclose(direct.set_index("image_id").loc[table.index, "prob_mel"], table.prob_mel, atol=1e-5)
+    assert not np.allclose(pd.read_csv(eight).prob_mel, pd.read_csv(one).prob_mel, atol=1e-7)
+    with pytest.raises(SystemExit):
+        main([*base, "--out", str(one), "--tta", "4"])
+    assert "invalid choice" in capsys.readouterr().err

@@ -196,6 +196,8 @@ def test_mil_run_writes_bag_manifest_and_card(mil_bundle):
     assert card["class_names"] == ["benign", "malignant"] and card["malignant_classes"] == ["malignant"]
     # 3 epochs, parabolic beta 1.0 / 0.75 / 0.0: only the last epoch has a trained classifier, so it is the one kept
     assert card["training"]["selected_epoch"] == 3 and card["training"]["epochs_run"] == 3
+    # A handful of validation slides cannot fit a temperature: the card says so instead of over-fitting one.
+    assert card["calibration"]["method"] == "none" and "validation slides" in card["calibration"]["reason"]
     assert len(list((run_dir / "mil" / "cache").glob("*.safetensors"))) == len(SLIDES)
 
 

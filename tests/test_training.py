@@ -132,3 +132,82 @@ def test_a_tie_in_balanced_accuracy_goes_to_the_lower_validation_loss(tmp_path):
     assert len(tied) > 1  # this separable problem saturates early, so several epochs tie
     assert result.best_epoch == min(tied, key=lambda h: h["val_loss"])["epoch"]
     assert result.best_epoch != tied[0]["epoch"]
+
+
+def test_ema_is_what_is_validated_and_shipped_and_raw_weights_are_kept(tmp_path):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from pipelines.config import TrainSettings
+    from pipelines.training import fit
+
+    torch.manual_seed(0)
+    x = torch.randn(64, 4)
+    y = (x[:, 0] + 0.5 * x[:, 1] > 0).long()
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    settings = TrainSettings(epochs=3, lr=0.05, warmup_epochs=0, device="cpu", resume=False, ema_decay=0.9)
+    result = fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(), settings, tmp_path)
+    raw = load_file(result.raw_weights)
+    best = load_file(tmp_path / "checkpoints" / "best.safetensors")
+    shipped = result.model.state_dict()
+    assert torch.equal(shipped["weight"], best["weight"])
+    assert not torch.allclose(raw["weight"], best["weight"])  # the EMA lags the raw weights
+    assert (tmp_path / "checkpoints" / "last" / "ema.safetensors").is_file()
+    off = fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(),
+              settings.model_copy(update={"ema_decay": 0.0}), tmp_path / "off")
+    assert off.raw_weights is None
+
+
+def test_ema_decay_warms_up_and_matches_a_hand_computed_average():
+    from pipelines.training import ema_update
+
+    update = ema_update(0.99)
+    ema, target = [torch.zeros(3)], [torch.ones(3)]
+    update(ema, target, torch.tensor(0))  # n = 0: decay min(0.99, 1/10) = 0.1, so the EMA moves 90 %
+    assert torch.allclose(ema[0], torch.full((3,), 0.9))
+    update(ema, [torch.zeros(3)], torch.tensor(1000))  # later the decay is the configured 0.99
+    assert torch.allclose(ema[0], torch.full((3,), 0.9 * 0.99))
+
+
+def test_schedule_is_planned_to_finish_inside_the_time_budget(tmp_path, monkeypatch):
+    from torch.utils.data import DataLoader, TensorDataset
+
+    import pipelines.training as training
+    from pipelines.config import TrainSettings
+
+    assert training.epochs_within_budget(60, 7.0, 20) == 8
+    assert training.epochs_within_budget(60, 70.0, 20) == 1
+    assert training.epochs_within_budget(600, 7.0, 20) == 20
+    clock = iter(range(0, 10_000, 30))  # every perf_counter() call advances 30 s
+    monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
+    x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))
+    loader = DataLoader(TensorDataset(x, y), batch_size=8)
+    settings = TrainSettings(epochs=20, lr=0.01, warmup_epochs=0, device="cpu", resume=False, patience=50,
+                             time_budget_minutes=12.0, ema_decay=0.0)
+    result = training.fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(), settings, tmp_path)
+    assert 1 <= result.planned_epochs < 20
+    assert len(result.history) == result.planned_epochs
+    assert result.history[-1]["lr"] == pytest.approx(0.0, abs=1e-12)  # the cosine reached 0 at the planned end
+
+
+@pytest.mark.parametrize("mixup, cutmix", [(0.4, 0.0), (0.0, 1.0)])
+def test_mixup_and_cutmix_mix_images_and_losses_by_the_same_lambda(mixup, cutmix):
+    from pipelines.training import mixing_loss_forward
+
+    seen = {}
+
+    class Recorder(torch.nn.Module):
+        def forward(self, images):
+            seen["images"] = images
+            return images.flatten(1)[:, :3]
+
+    images = torch.stack([torch.full((3, 8, 8), float(i)) for i in range(4)])
+    labels = torch.tensor([0, 1, 2, 0])
+    loss_forward = mixing_loss_forward(torch.nn.functional.cross_entropy, mixup, cutmix, prob=1.0, seed=0)
+    loss = loss_forward(Recorder(), (images, labels), 0)
+    assert torch.isfinite(loss)
+    mixed = seen["images"]
+    assert not torch.equal(mixed, images)
+    if cutmix:  # each pixel comes from one of two images: values stay whole numbers
+        assert torch.equal(mixed, mixed.round())
+    with pytest.raises(ValueError, match="mixup_alpha or cutmix_alpha"):
+        mixing_loss_forward(torch.nn.functional.cross_entropy, 0.0, 0.0, 0.5)
