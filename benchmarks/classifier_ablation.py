@@ -97,8 +97,12 @@ def main() -> None:
     parser.add_argument("--run", type=Path, required=True, help="a finished benchmarks/train_ham10000.py run")
     parser.add_argument("--baseline", type=Path, required=True, help="bundle of the previous recipe, same split")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/classifier_ablation"))
+    parser.add_argument("--work", type=Path, default=Path("runs/classifier_ablation"),
+                        help="scratch folder for the intermediate bundles (not part of the record)")
     parser.add_argument("--smote", action="store_true", help="add the feature-space SMOTE head row (slow)")
     parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--baseline-train-minutes", type=float, default=float("nan"),
+                        help="the baseline's training time, when its card does not record it")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     torch.manual_seed(0)
@@ -123,7 +127,7 @@ def main() -> None:
     base_val, base_test = _logits_of(args.baseline, ImageDataset(rows["val"], class_names, base_tf),
                                      ImageDataset(rows["test"], class_names, base_tf), 1)
     # The new recipe's raw weights (no EMA), one view.
-    raw_dir = args.out / "_raw_bundle"
+    raw_dir = args.work / "raw_bundle"
     raw_model = load_bundle(bundle_dir).model
     raw_model.load_state_dict(load_file(args.run / "checkpoints" / "last_raw.safetensors"))
     save_bundle(raw_dir, raw_model, {k: v for k, v in card.items() if k not in ("format_version", "versions")})
@@ -133,7 +137,7 @@ def main() -> None:
 
     ema_v, ema_t = saved["val_logits"], saved["test_logits"]
     train_minutes = bench.get("train_minutes", float("nan"))
-    baseline_minutes = baseline_card.get("training", {}).get("train_minutes", float("nan"))
+    baseline_minutes = baseline_card.get("training", {}).get("train_minutes", args.baseline_train_minutes)
     arms = [
         Arm("previous recipe (160 px, no EMA, no colour constancy, 1 view)", base_val, base_test,
             train_minutes=baseline_minutes),
@@ -156,12 +160,12 @@ def main() -> None:
     if args.smote:
         from pipelines.balancing import BalancingConfig, balance_bundle
 
-        smote_dir = args.out / "_smote_bundle"
+        smote_dir = args.work / "smote_bundle"
         started = time.perf_counter()
         balance_bundle(bundle_dir, manifest_path, smote_dir, BalancingConfig(method="smote"),
-                       card["threshold_metrics"]["target_sensitivity"], args.out / "_smote_report")
+                       card["threshold_metrics"]["target_sensitivity"], args.work / "smote_report")
         smote_minutes = (time.perf_counter() - started) / 60
-        smote = np.load(args.out / "_smote_report" / "logits.npz")
+        smote = np.load(args.work / "smote_report" / "logits.npz")
         arms.append(Arm("+ feature-space SMOTE head (on the TTA recipe)", smote["val_logits"], smote["test_logits"],
                         views=8, train_minutes=train_minutes + smote_minutes))
     baseline_8v = _logits_of(args.baseline, ImageDataset(rows["val"], class_names, base_tf),

@@ -44,6 +44,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=50)
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: leave torch's default)")
+    parser.add_argument("--tta", type=int, choices=[1, 8], help="views (default: the bundle's own setting)")
     parser.add_argument("--out", help="write the numbers as JSON here")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -55,7 +56,7 @@ def main() -> None:
     if stand_in:
         bundle_dir = _stand_in_bundle(Path(tempfile.mkdtemp()) / "bundle", args.architecture, args.size)
         log.info("no bundle at %s: timing an untrained %s at %d px", args.bundle, args.architecture, args.size)
-    predictor = Predictor(load_bundle(bundle_dir))
+    predictor = Predictor(load_bundle(bundle_dir), tta=args.tta)
     files = sorted((Path(args.data) / "images").glob("*.jpg"))[: args.runs + args.warmup]
     if not files:
         raise SystemExit(f"no .jpg images under {Path(args.data) / 'images'}")
@@ -70,6 +71,7 @@ def main() -> None:
     result = {
         "bundle": "stand-in " + args.architecture if stand_in else str(args.bundle),
         "input_size": predictor.bundle.input_size,
+        "tta": predictor.tta,
         "runs": args.runs,
         "torch_threads": torch.get_num_threads(),
         "p50_ms": round(statistics.median(timings), 2),

@@ -9,6 +9,7 @@ on the same images in the same order, after --warmup steps; arms are cumulative 
   channels    + channels-last memory layout
   workers     + one DataLoader worker (augmentation overlaps the forward/backward)
   bf16        + bfloat16 autocast (CPU with avx512_bf16)
+Inference (no gradients) of the same network, contiguous against channels-last, at batches 8 and 256.
 Then a numerics check: --check-steps steps of float32 and of bfloat16 from the same start and the same batches; the
 record holds both loss curves.
 """
@@ -82,7 +83,7 @@ def _train_steps(loader, steps: int, warmup: int, channels_last: bool, bf16: boo
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        losses.append(float(loss))
+        losses.append(loss.item())
         if step >= warmup:
             seen += len(labels)
     return seen / (time.perf_counter() - started), losses
@@ -125,6 +126,24 @@ def main() -> None:
         log.info("%-9s %.2f images/s", arm, speed)
         del loader
 
+    inference = []
+    model = build_model("efficientnet-lite0", len(class_names), args.size, pretrained=True).eval()
+    for batch in (8, 256):
+        for channels_last in (False, True):
+            layout = torch.channels_last if channels_last else torch.contiguous_format
+            model = model.to(memory_format=layout)
+            x = torch.randn(batch, 3, args.size, args.size).contiguous(memory_format=layout)
+            with torch.inference_mode():
+                model(x)
+                started, seen = time.perf_counter(), 0
+                while time.perf_counter() - started < 5.0:
+                    model(x)
+                    seen += batch
+            inference.append({"batch": batch, "channels_last": channels_last,
+                              "images_per_s": seen / (time.perf_counter() - started)})
+            log.info("inference batch %d channels_last %s: %.1f images/s", batch, channels_last,
+                     inference[-1]["images_per_s"])
+
     # Numerics: float32 against bfloat16 autocast on identical batches from the same initial weights.
     curves = {}
     for name, bf16 in (("float32", False), ("bfloat16", True)):
@@ -147,6 +166,7 @@ def main() -> None:
             [str(args.data)] + [f"--{k.replace('_', '-')} {v}" for k, v in vars(args).items() if k != "data"]),
         "cache_build_s": cache_build_s,
         "rows": rows,
+        "inference": inference,
         "loss_check": {"steps": args.check_steps, "float32": curves["float32"], "bfloat16": curves["bfloat16"],
                        "max_abs_gap": float(gap.max()), "mean_abs_gap": float(gap.mean())},
     }
@@ -154,6 +174,8 @@ def main() -> None:
     (args.out / "throughput.json").write_text(json.dumps(record, indent=2))
     lines = ["| arm | images/s | × decode |", "|---|---|---|"]
     lines += [f"| {r['arm']} | {r['images_per_s']:.2f} | {r['speedup_vs_decode']:.2f} |" for r in rows]
+    lines += ["", "| inference batch | channels-last | images/s |", "|---|---|---|"]
+    lines += [f"| {r['batch']} | {r['channels_last']} | {r['images_per_s']:.1f} |" for r in inference]
     lines.append(f"\nfloat32 vs bfloat16 loss over {args.check_steps} steps: max gap {gap.max():.4f}, "
                  f"mean {gap.mean():.4f}")
     (args.out / "throughput.md").write_text("\n".join(lines) + "\n")

@@ -149,6 +149,7 @@ def save_ensemble(path: str | Path, members: list[tuple[nn.Module, dict[str, Any
         "normalization": first["normalization"],
         "malignant_classes": first.get("malignant_classes", []),
         "task": "image",
+        **{key: first[key] for key in ("data_license", "intended_use") if key in first},
         **card,
         "ensemble": {"members": folders, "combine": "mean of the members' calibrated probabilities"},
     }

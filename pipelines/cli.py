@@ -107,6 +107,15 @@ def _cmd_predict(args: argparse.Namespace) -> None:
     write_predictions(table, errors, args.out, "files")
 
 
+def _cmd_ensemble(args: argparse.Namespace) -> None:
+    from pipelines.ensemble import build_ensemble
+
+    card = build_ensemble(args.members, args.data, args.out, args.target_sensitivity)
+    summary = {split: {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
+               for split, metrics in card["metrics"].items()}
+    print(f"ensemble bundle: {args.out}\n{summary}")
+
+
 def _cmd_serve(args: argparse.Namespace) -> None:
     # The CLI lives in pipelines/, the UI in app/; `serve` is the one place that reaches up, by name.
     importlib.import_module("app.server").serve_cli(args)
@@ -156,6 +165,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
                    "own setting, which its calibration and threshold were fitted with)")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("ensemble", help="combine trained bundles into one ensemble bundle (mean of calibrated "
+                       "probabilities) with a threshold chosen on validation")
+    p.add_argument("--members", nargs="+", required=True, help="two or more image bundles trained on --data")
+    p.add_argument("--data", required=True, help="the manifest the members were trained on (its val/test rows)")
+    p.add_argument("--out", required=True, help="ensemble bundle folder to write")
+    p.add_argument("--target-sensitivity", type=float, default=0.9)
+    p.set_defaults(func=_cmd_ensemble)
 
     p = sub.add_parser("serve", help="launch the Gradio web app")
     p.add_argument("--models", default=str(default_bundle_path().parent), help="folder of model bundles")

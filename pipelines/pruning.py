@@ -839,7 +839,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     # bundle's own test-time augmentation, and let its card show its own numbers.
     scores = calibrate_and_score(
         model, ImageDataset(val_df, class_names, evaluate),
-        ImageDataset(eval_df, class_names, evaluate) if settings.eval_split == "test" else None,
+        ImageDataset(eval_df, class_names, evaluate) if settings.eval_split == "test" and eval_df is not val_df
+        else None,
         class_names, malignant, card_tta(card), calibration_method_of(card), settings.target_sensitivity,
     )
     threshold = scores.threshold

@@ -288,6 +288,10 @@ def test_feature_space_smote_bundle_differs_from_the_original_only_in_the_head(t
     after = balanced.card["balancing"]["train_counts_after"]
     assert len(set(after.values())) == 1  # every class as large as the largest
     assert balanced.card["operating_threshold"] is not None
+    # A new head is a new model: its calibration is re-fitted on validation (the source bundle had none).
+    assert balanced.card["calibration"]["method"] == "temperature"
+    assert balanced.card["calibration"]["fitted_on"].startswith("validation")
+    assert balanced.card["inference"] == {"tta": 1}  # the source bundle's own setting (it predates TTA)
 
     a = load_file(tiny_run / "bundle" / "weights.safetensors")
     b = load_file(Path(outputs["bundle"]) / "weights.safetensors")

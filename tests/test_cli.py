@@ -141,3 +141,27 @@ def test_predict_tta_flag_overrides_the_bundle_setting(tiny_bundle, image_folder
     with pytest.raises(SystemExit):
         main([*base, "--out", str(one), "--tta", "4"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_ensemble_command_writes_a_scored_ensemble_bundle(tiny_bundle, small_manifest, tmp_path, capsys):
+    import json
+
+    second = tmp_path / "second"
+    shutil.copytree(tiny_bundle, second)
+    card = json.loads((second / "card.json").read_text())
+    card["calibration"] = {"method": "temperature", "temperature": 0.5}
+    (second / "card.json").write_text(json.dumps(card))
+    out = tmp_path / "ensemble"
+    argv = ["ensemble", "--members", str(tiny_bundle), str(second), "--data", str(small_manifest), "--out", str(out)]
+    assert main(argv) == 0
+    made = json.loads((out / "card.json").read_text())
+    assert made["ensemble"]["members"] == ["member_0", "member_1"]
+    assert {"validation", "test"} <= set(made["metrics"]) and made["operating_threshold"] is not None
+    files = sorted((HAM_SAMPLE / "images").glob("*.jpg"))[:3]
+    got, _ = Predictor.from_path(out).predict_files(files)
+    one, _ = Predictor.from_path(tiny_bundle).predict_files(files)
+    two, _ = Predictor.from_path(second).predict_files(files)
+    assert np.allclose(got.prob_mel, (one.prob_mel + two.prob_mel) / 2, atol=1e-6)
+    assert main(["ensemble", "--members", str(tiny_bundle), "--data", str(small_manifest), "--out",
+                 str(tmp_path / "x")]) == 2
+    assert "at least 2 member bundles" in capsys.readouterr().err

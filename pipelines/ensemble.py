@@ -1,0 +1,87 @@
+"""Ensemble bundles: several calibrated members in one folder, one card, their probabilities averaged."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+
+def build_ensemble(
+    member_dirs: Sequence[str | Path],
+    manifest_path: str | Path,
+    out_dir: str | Path,
+    target_sensitivity: float = 0.9,
+) -> dict[str, Any]:
+    """Combine trained bundles into one ensemble bundle at `out_dir` and score it.
+
+    Each member keeps its own preprocessing, calibration and test-time augmentation; the ensemble's probabilities
+    are the mean of the members' calibrated probabilities. The referral threshold is chosen on the ensemble's
+    validation probabilities (the manifest's real `val` rows), and the card records validation and test metrics.
+    Every member must know the same classes and have been trained on this manifest (its hash is checked).
+    """
+    from models.bundle import load_bundle, save_ensemble
+    from pipelines.evaluation import compute_metrics, referral_threshold
+    from pipelines.manifest import manifest_sha256, read_manifest
+    from pipelines.prediction import Predictor
+    from pipelines.training import card_metrics
+
+    if len(member_dirs) < 2:
+        raise ValueError(f"an ensemble needs at least 2 member bundles, got {len(member_dirs)}")
+    manifest_path = Path(manifest_path)
+    digest = manifest_sha256(manifest_path)
+    members = []
+    for folder in member_dirs:
+        bundle = load_bundle(folder)
+        if bundle.is_ensemble:
+            raise ValueError(f"bundle '{folder}' is itself an ensemble; list its members instead")
+        if bundle.card.get("task", "image") != "image":
+            raise ValueError(f"bundle '{folder}' is a {bundle.card.get('task')} model; ensembles combine image "
+                             "classifiers")
+        if bundle.card.get("manifest_sha256") not in (None, digest):
+            raise ValueError(f"bundle '{folder}' was trained on another manifest than '{manifest_path}'; the "
+                             "validation rows that choose the threshold could be its training images")
+        members.append(bundle)
+    class_names = members[0].class_names
+    manifest = read_manifest(manifest_path)
+    unknown = sorted(set(manifest.label) - set(class_names))
+    if unknown:
+        raise ValueError(f"manifest '{manifest_path}' has labels {unknown} the members do not know ({class_names})")
+    malignant = [c for c in members[0].malignant_classes if c in class_names]
+
+    out_dir = Path(out_dir)
+    card: dict[str, Any] = {"manifest_sha256": digest, "metrics": {},
+                            "members_source": [str(Path(d)) for d in member_dirs]}
+    path = save_ensemble(out_dir, [(b.model, _member_card(b.card)) for b in members], card)
+    predictor = Predictor(load_bundle(path))
+    scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+    for split in ("val", "test"):
+        rows = manifest[(manifest.split == split) & (manifest.source == "real")]
+        if rows.empty:
+            continue
+        table, errors = predictor.predict_files(rows.path.tolist())
+        if errors:
+            raise ValueError(f"{len(errors)} {split} images could not be read, first: {errors[0]}")
+        labels = np.array([class_names.index(c) for c in rows.label])
+        scores[split] = (labels, table[[f"prob_{c}" for c in class_names]].to_numpy())
+    if "val" not in scores:
+        raise ValueError(f"manifest '{manifest_path}' has no real 'val' rows to choose the threshold on")
+    threshold = referral_threshold(*scores["val"], class_names, malignant, target_sensitivity)
+    op = threshold["threshold"] if threshold else None
+    names = {"val": "validation", "test": "test"}
+    card.update(operating_threshold=op, threshold_metrics=threshold, metrics={
+        names[split]: card_metrics(compute_metrics(labels, probs, class_names, malignant, op))
+        for split, (labels, probs) in scores.items()
+    })
+    save_ensemble(out_dir, [(b.model, _member_card(b.card)) for b in members], card)
+    log.info("ensemble of %d members written to %s", len(members), out_dir)
+    return card
+
+
+def _member_card(card: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in card.items() if k not in ("format_version", "versions")}
