@@ -124,8 +124,9 @@ def main() -> None:
     # The previous recipe: its own preprocessing, no TTA, trained once on the same split.
     rows = {split: manifest[(manifest.split == split) & (manifest.source == "real")] for split in ("val", "test")}
     base_tf = card_transform(baseline_card)
+    # 8 views once; view 0 of the dihedral group is the plain crop, so [:, :1] is the one-view row.
     base_val, base_test = _logits_of(args.baseline, ImageDataset(rows["val"], class_names, base_tf),
-                                     ImageDataset(rows["test"], class_names, base_tf), 1)
+                                     ImageDataset(rows["test"], class_names, base_tf), 8)
     # The new recipe's raw weights (no EMA), one view.
     raw_dir = args.work / "raw_bundle"
     raw_model = load_bundle(bundle_dir).model
@@ -168,9 +169,7 @@ def main() -> None:
         smote = np.load(args.work / "smote_report" / "logits.npz")
         arms.append(Arm("+ feature-space SMOTE head (on the TTA recipe)", smote["val_logits"], smote["test_logits"],
                         views=8, train_minutes=train_minutes + smote_minutes))
-    baseline_8v = _logits_of(args.baseline, ImageDataset(rows["val"], class_names, base_tf),
-                             ImageDataset(rows["test"], class_names, base_tf), 8)
-    old_tta = Arm("previous bundle with TTA", *baseline_8v, views=8)
+    old_tta = Arm("previous bundle with TTA", base_val, base_test, views=8)
     arms.append(Arm("ensemble: shipped recipe + previous bundle (both TTA, calibrated)", ema_v, ema_t,
                     members=(Arm("new", ema_v, ema_t, views=8), old_tta),
                     train_minutes=train_minutes + baseline_minutes))

@@ -432,7 +432,6 @@ def balance_bundle(
     from pipelines.evaluation import compute_metrics
     from pipelines.manifest import SPLITS, manifest_sha256, read_manifest
     from pipelines.prediction import card_tta
-    from pipelines.training import card_metrics
     from pipelines.transforms import card_transform
 
     config = load_balancing_config(config)
@@ -517,15 +516,12 @@ def balance_bundle(
         "train_counts_after": _counts(table.label[masks["train"]], class_names),
         "source_bundle": str(Path(bundle_dir).resolve()),
     }
-    shipped = {"validation": card_metrics(scores.val_metrics)}
-    if scores.test_metrics is not None:
-        shipped["test"] = card_metrics(scores.test_metrics)
     card.update({
         "operating_threshold": op,
         "threshold_metrics": threshold,
         "calibration": scores.calibration,
         "inference": {"tta": scores.tta},
-        "metrics": {**shipped, "before_balancing": {k: v for k, v in card.get("metrics", {}).items()
+        "metrics": {**scores.card_metrics(), "before_balancing": {k: v for k, v in card.get("metrics", {}).items()
                                                      if k in ("validation", "test")}},
         "manifest_sha256": manifest_sha256(manifest_path),
         "balancing": balancing,

@@ -151,6 +151,15 @@ class CalibratedScores:
     test_metrics: dict[str, Any] | None = None
     inference_images_per_s: float = float("nan")
 
+    def card_metrics(self) -> dict[str, Any]:
+        """The card's `metrics` block: validation, and test when there was a test split."""
+        from pipelines.evaluation import card_metrics
+
+        block = {"validation": card_metrics(self.val_metrics)}
+        if self.test_metrics is not None:
+            block["test"] = card_metrics(self.test_metrics)
+        return block
+
 
 def calibrate_and_score(
     model: nn.Module,
@@ -166,7 +175,7 @@ def calibrate_and_score(
     """Fit the calibration on validation with the shipped test-time augmentation, choose the referral threshold on
     the calibrated validation probabilities, and score the test split the same way (the one post-training recipe of
     every stage that writes an image bundle)."""
-    from pipelines.evaluation import compute_metrics, referral_threshold
+    from pipelines.evaluation import compute_metrics, expected_calibration_error, referral_threshold
     from pipelines.prediction import dataset_logits
 
     val_logits, val_labels = dataset_logits(model, val_ds, tta)
@@ -194,8 +203,8 @@ def calibrate_and_score(
         scores.test_probs_uncalibrated = calibrated_probs(test_logits, None)
         scores.test_metrics = compute_metrics(test_labels, scores.test_probs, class_names, malignant,
                                               threshold["threshold"] if threshold else None)
-        scores.test_metrics["ece_uncalibrated"] = compute_metrics(
-            test_labels, scores.test_probs_uncalibrated, class_names, malignant)["ece"]
+        scores.test_metrics["ece_uncalibrated"] = expected_calibration_error(test_labels,
+                                                                             scores.test_probs_uncalibrated)
         arrays.update(test_logits=test_logits, test_labels=test_labels)
     if logits_out is not None:
         logits_out.parent.mkdir(parents=True, exist_ok=True)

@@ -25,11 +25,10 @@ def build_ensemble(
     validation probabilities (the manifest's real `val` rows), and the card records validation and test metrics.
     Every member must know the same classes and have been trained on this manifest (its hash is checked).
     """
-    from models.bundle import load_bundle, save_ensemble
-    from pipelines.evaluation import compute_metrics, referral_threshold
+    from models.bundle import Bundle, load_bundle, save_ensemble
+    from pipelines.evaluation import card_metrics, compute_metrics, referral_threshold
     from pipelines.manifest import manifest_sha256, read_manifest
     from pipelines.prediction import Predictor
-    from pipelines.training import card_metrics
 
     if len(member_dirs) < 2:
         raise ValueError(f"an ensemble needs at least 2 member bundles, got {len(member_dirs)}")
@@ -54,11 +53,9 @@ def build_ensemble(
         raise ValueError(f"manifest '{manifest_path}' has labels {unknown} the members do not know ({class_names})")
     malignant = [c for c in members[0].malignant_classes if c in class_names]
 
-    out_dir = Path(out_dir)
-    card: dict[str, Any] = {"manifest_sha256": digest, "metrics": {},
-                            "members_source": [str(Path(d)) for d in member_dirs]}
-    path = save_ensemble(out_dir, [(b.model, _member_card(b.card)) for b in members], card)
-    predictor = Predictor(load_bundle(path))
+    card: dict[str, Any] = {"manifest_sha256": digest, "members_source": [str(Path(d)) for d in member_dirs]}
+    # Scored in memory, exactly as the saved ensemble predicts (the Predictor averages the members' outputs).
+    predictor = Predictor(Bundle(model=members[0].model, card=members[0].card, members=members))
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("val", "test"):
         rows = manifest[(manifest.split == split) & (manifest.source == "real")]

@@ -33,6 +33,14 @@ HEADLINE_METRICS = (
 )
 
 
+def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """The metrics a model card shows (no confusion matrix)."""
+    keep = (*HEADLINE_METRICS, "at_operating_threshold", "ece_uncalibrated")
+    headline = {k: metrics[k] for k in keep if k in metrics}
+    headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
+    return headline
+
+
 def malignant_probability(
     probs: np.ndarray, class_names: Sequence[str], malignant_classes: Sequence[str]
 ) -> np.ndarray:

@@ -239,7 +239,7 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
     from models.registry import build_model, default_normalization
     from models.scmil import SCMILLoss, beta_schedule
     from pipelines.bags import build_bag_manifest, cached_bag_features, write_bag_manifest
-    from pipelines.evaluation import choose_operating_threshold, compute_metrics, write_report
+    from pipelines.evaluation import compute_metrics, referral_threshold, write_report
     from pipelines.manifest import class_names_of, manifest_sha256, write_manifest
     from pipelines.training import class_counts, fit, make_accelerator
 
@@ -336,16 +336,10 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
 
     malignant = [c for c in mil.malignant_classes if c in class_names]
     val_labels = by_split["val"].label.map(index).to_numpy()
-    calibration = fit_bag_calibration(dataset_bag_logits(model, datasets["val"]), val_labels, settings.calibration)
-    val_probs = predict_dataset_bags(model, datasets["val"], calibration=calibration)
-    threshold = None
-    if malignant:
-        y_mal = np.isin(np.asarray(class_names)[val_labels], malignant)
-        if 0 < y_mal.sum() < len(y_mal):
-            p_mal = val_probs[:, [index[c] for c in malignant]].sum(1)
-            threshold = choose_operating_threshold(y_mal, p_mal, settings.target_sensitivity)
-        else:
-            log.warning("validation slides hold one class only; no operating threshold chosen")
+    val_logits = dataset_bag_logits(model, datasets["val"])
+    calibration = fit_bag_calibration(val_logits, val_labels, settings.calibration)
+    val_probs = calibrated_probs(val_logits, calibration)
+    threshold = referral_threshold(val_labels, val_probs, class_names, malignant, settings.target_sensitivity)
     eval_split = "test" if len(datasets["test"]) else "val"
     probs = predict_dataset_bags(model, datasets[eval_split], calibration=calibration)
     labels = by_split[eval_split].label.map(index).to_numpy()

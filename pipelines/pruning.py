@@ -765,7 +765,7 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     from pipelines.data import ImageDataset
     from pipelines.manifest import read_manifest
     from pipelines.prediction import card_tta
-    from pipelines.training import card_metrics, class_counts, fit
+    from pipelines.training import class_counts, fit
     from pipelines.transforms import card_transform, train_transform
 
     torch.manual_seed(settings.seed)
@@ -849,9 +849,7 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     new_card["calibration"] = scores.calibration
     new_card["inference"] = {"tta": scores.tta}
     unpruned = {k: v for k, v in card.get("metrics", {}).items() if k in ("validation", "test")}
-    new_card["metrics"] = {"validation": card_metrics(scores.val_metrics), "before_pruning": unpruned}
-    if scores.test_metrics is not None:
-        new_card["metrics"]["test"] = card_metrics(scores.test_metrics)
+    new_card["metrics"] = {**scores.card_metrics(), "before_pruning": unpruned}
     new_card.setdefault("metrics", {})[f"pruned_{settings.eval_split}"] = after["accuracy"]
     report = {
         "settings": settings.model_dump(), "source_bundle": str(bundle_dir), "manifest": str(manifest_path),

@@ -517,7 +517,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         "calibration": scores.calibration,
         "operating_threshold": scores.threshold["threshold"] if scores.threshold else None,
         "threshold_metrics": scores.threshold,
-        "metrics": {"validation": card_metrics(scores.val_metrics)},
+        "metrics": scores.card_metrics(),
         "manifest_sha256": manifest_sha256(manifest_path),
         "training": {
             "images": len(train_ds),
@@ -551,7 +551,6 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         "tta": scores.tta,
     }
     if scores.test_metrics is not None:
-        card["metrics"]["test"] = card_metrics(scores.test_metrics)
         extra["inference_images_per_s"] = scores.inference_images_per_s
         save_plots(scores.test_labels, scores.test_probs, class_names, malignant, report_dir)
         save_reliability_comparison(scores.test_labels, scores.test_probs_uncalibrated, scores.test_probs,
@@ -566,13 +565,3 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card)
     log.info("bundle written to %s, report to %s", bundle_dir, report_dir / "report.md")
     return bundle_dir
-
-
-def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """The metrics a model card shows (no confusion matrix)."""
-    from pipelines.evaluation import HEADLINE_METRICS
-
-    keep = (*HEADLINE_METRICS, "at_operating_threshold", "ece_uncalibrated")
-    headline = {k: metrics[k] for k in keep if k in metrics}
-    headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
-    return headline
