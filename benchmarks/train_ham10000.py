@@ -40,9 +40,12 @@ def main() -> None:
     parser.add_argument("--calibration", default="temperature", choices=["temperature", "vector", "none"])
     parser.add_argument("--mixed-precision", default="no", choices=["no", "bf16", "fp16"])
     parser.add_argument("--budget-minutes", type=float, default=75.0,
-                        help="training wall-clock budget; the cosine is planned to end inside it")
+                        help="training wall-clock budget; the cosine is planned to end inside it; 0 runs exactly "
+                        "--epochs (a fixed schedule that CPU load cannot change, for repeat seeds)")
     parser.add_argument("--patience", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="training seed (initial head, sampling, augmentation)")
+    parser.add_argument("--split-seed", type=int, default=0,
+                        help="grouped-split seed; keep 0 so every run is scored on the same 855 test images")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("accelerate", "accelerate.checkpointing", "accelerate.accelerator"):
@@ -52,7 +55,7 @@ def main() -> None:
         {
             "run_dir": str(args.out),
             "data": {"format": "ham10000", "root": str(args.data)},
-            "split": {"val_fraction": 0.15, "test_fraction": 0.15, "seed": args.seed},
+            "split": {"val_fraction": 0.15, "test_fraction": 0.15, "seed": args.split_seed},
             "model": {"name": args.model, "img_size": args.img_size, "pretrained": True,
                       "color_constancy": args.color_constancy},
             "training": {
@@ -70,8 +73,8 @@ def main() -> None:
                 "tta": args.tta,
                 "calibration": args.calibration,
                 "mixed_precision": args.mixed_precision,
-                "time_budget_minutes": args.budget_minutes,
-                "schedule_to_budget": True,
+                "time_budget_minutes": args.budget_minutes or None,
+                "schedule_to_budget": bool(args.budget_minutes),
                 "seed": args.seed,
                 "device": "auto",
             },
