@@ -14,6 +14,7 @@ from PIL import Image
 from torch import nn
 
 from models.bundle import Bundle
+from models.classifier import FeatureMap
 from pipelines.transforms import card_transform
 
 log = logging.getLogger(__name__)
@@ -28,26 +29,63 @@ class Explanation:
     class_index: int
     method: str
 
-    def overlay(self, alpha: float = 0.45, min_side: int = 320) -> Image.Image:
-        """The crop the model saw with the heat-map blended over it (RGB, no metadata), at least `min_side` px."""
+    def overlay(self, alpha: float = 0.45, min_side: int = 320, legend: bool = True) -> Image.Image:
+        """The crop the model saw with the heat-map blended over it (RGB, no metadata), at least `min_side` px wide;
+        with `legend`, a colour bar underneath says which colour means what."""
         crop = self.crop
         if crop.size[0] < min_side:
             crop = crop.resize((min_side, min_side), Image.Resampling.BICUBIC)
-        return overlay_heatmap(crop, self.heatmap, alpha)
+        blended = overlay_heatmap(crop, self.heatmap, alpha)
+        return with_colour_bar(blended) if legend else blended
+
+
+LEGEND_HEIGHT = 34
+HEATMAP_COLOURS = "jet"
+
+
+def with_colour_bar(image: Image.Image) -> Image.Image:
+    """`image` with the heat-map's colour bar under it: 'weak' (blue) to 'strong' (red) evidence."""
+    from matplotlib import colormaps
+    from PIL import ImageDraw
+
+    width, height = image.size
+    canvas = Image.new("RGB", (width, height + LEGEND_HEIGHT), (255, 255, 255))
+    canvas.paste(image, (0, 0))
+    margin, bar_top, bar_height = 46, height + 6, 10
+    ramp = np.linspace(0.0, 1.0, max(1, width - 2 * margin), dtype=np.float32)
+    bar = (colormaps[HEATMAP_COLOURS](ramp)[..., :3] * 255).astype(np.uint8)
+    canvas.paste(Image.fromarray(np.repeat(bar[None], bar_height, axis=0), "RGB"), (margin, bar_top))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((4, bar_top - 1), "weak", fill=(0, 0, 0))
+    draw.text((width - margin + 6, bar_top - 1), "strong", fill=(0, 0, 0))
+    draw.text((margin, bar_top + bar_height + 3), "evidence for the explained class", fill=(60, 60, 60))
+    return canvas
 
 
 def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45) -> Image.Image:
-    """Blend a [0, 1] heat-map (any size) over `image` with the 'jet' colour map."""
+    """Blend a [0, 1] heat-map (any size) over `image` with the heat-map colour map."""
     from matplotlib import colormaps
 
     heat = np.clip(np.nan_to_num(np.asarray(heatmap, dtype=np.float32)), 0.0, 1.0)
     if heat.shape != (image.size[1], image.size[0]):
         heat_image = Image.fromarray((heat * 255).astype(np.uint8), "L").resize(image.size, Image.Resampling.BILINEAR)
         heat = np.asarray(heat_image, dtype=np.float32) / 255.0
-    colours = colormaps["jet"](heat)[..., :3]
+    colours = colormaps[HEATMAP_COLOURS](heat)[..., :3]
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = (1 - alpha) * base + alpha * colours
     return Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
+
+
+def explanation_markdown(class_name: str, method: str) -> str:
+    """One line on how to read the heat-map of `class_name`."""
+    how = "Grad-CAM" if method == "gradcam" else "attention rollout"
+    return (f"**Heat-map for: {class_name}** ({how}). Red marks the regions that most raised the model's score for "
+            "this class, blue the regions with little effect. It shows where the model looked, not why; it is not "
+            "a lesion border.")
+
+
+def _identity(x):
+    return x
 
 
 def _normalise(heat: np.ndarray) -> np.ndarray:
@@ -59,34 +97,37 @@ def _normalise(heat: np.ndarray) -> np.ndarray:
 
 
 def gradcam_target_layer(model: nn.Module) -> str:
-    """Name of the layer Grad-CAM should read: the last feature map of the backbone."""
+    """Name of the layer Grad-CAM reads: the backbone's last feature map after its final activation.
+
+    The activation matters: before it (e.g. EfficientNet's head BatchNorm) the map holds values the ReLU6 clips
+    away, and those, strongest at the zero-padded borders, dominated the map.
+    """
     backbone = getattr(model, "backbone", None)
     if backbone is None:
         raise ValueError(f"{type(model).__name__} has no `.backbone`; Grad-CAM needs an ImageClassifier")
-    if hasattr(backbone, "net") and hasattr(backbone.net, "_bn1"):
-        return "backbone.net._bn1"  # MONAI EfficientNet: the head conv + BN, just before pooling
-    if hasattr(backbone, "features") and isinstance(backbone.features, nn.Sequential):
-        # The last BatchNorm (its output feeds the last ReLU): a layer with parameters, so that it gets gradients
-        # while everything before it stays frozen.
-        names = [name for name, m in backbone.features.named_children() if isinstance(m, nn.BatchNorm2d)]
-        if names:
-            return f"backbone.features.{names[-1]}"
-    convs = [name for name, m in model.named_modules() if isinstance(m, nn.Conv2d) and name.startswith("backbone")]
-    if not convs:
-        raise ValueError(f"no Conv2d layer found in {type(model).__name__}; Grad-CAM needs a convolutional backbone")
-    return convs[-1]
+    marked = [name for name, m in model.named_modules() if isinstance(m, FeatureMap)]
+    if marked:
+        return marked[-1]
+    relus = [name for name, m in model.named_modules()
+             if isinstance(m, (nn.ReLU, nn.ReLU6, nn.SiLU)) and name.startswith("backbone")]
+    if not relus:
+        raise ValueError(f"{type(model).__name__} has no marked feature map or activation layer; Grad-CAM needs a "
+                         "convolutional backbone")
+    return relus[-1]
 
 
-def _modules_before(model: nn.Module, target: str) -> tuple[str, ...]:
-    """Prefixes ('name.') of the modules registered before `target`, excluding its ancestors.
+def _frozen_prefixes(model: nn.Module, target: str) -> tuple[str, ...]:
+    """Prefixes ('name.') of the parameter-holding modules that need no gradient for a Grad-CAM read at `target`.
 
-    For the backbones Grad-CAM is used on (EfficientNet, the small CNN) registration order is execution order.
+    Those are the modules registered before `target`, except the last one: its parameters keep the graph alive up
+    to `target` when the target itself has none. For the backbones Grad-CAM is used on (EfficientNet, the small
+    CNN) registration order is execution order.
     """
     earlier: list[str] = []
-    for name, _ in model.named_modules():
+    for name, module in model.named_modules():
         if name == target:
-            return tuple(earlier)
-        if name and not target.startswith(name + "."):
+            return tuple(earlier[:-1])
+        if name and any(True for _ in module.parameters(recurse=False)):
             earlier.append(name + ".")
     raise ValueError(f"layer '{target}' is not in {type(model).__name__}")
 
@@ -123,10 +164,12 @@ class Explainer:
             target = gradcam_target_layer(self.model)
             # Gradients are only needed from the logits back to the target layer: freezing everything before it
             # keeps the backward pass to the network's tail (several times cheaper than a full backward on a CPU).
-            frozen = _modules_before(self.model, target)
+            frozen = _frozen_prefixes(self.model, target)
             for name, param in self.model.named_parameters():
                 param.requires_grad_(not name.startswith(frozen))
-            self._cam = GradCAM(nn_module=self.model, target_layers=target)
+            # MONAI's default post-processing maps (min, max) to (1, 0), i.e. it flips the map; the raw map is
+            # kept and scaled to [0, 1] (max = strongest evidence) by `_normalise` below.
+            self._cam = GradCAM(nn_module=self.model, target_layers=target, postprocessing=_identity)
         with torch.enable_grad(), warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             heat = self._cam(batch, class_idx=class_index)

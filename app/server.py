@@ -19,6 +19,15 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.wording import (
+    card_markdown,
+    class_name,
+    performance_markdown,
+    probabilities_markdown,
+    probability_text,
+    referral_decision,
+    referral_html,
+)
 from models.bundle import Bundle, load_bundle, read_card
 from pipelines.images import ImageError, ImageLimits, load_image
 from pipelines.prediction import Predictor
@@ -43,6 +52,11 @@ INTENDED_USE = (
 API_SINGLE = "classify"
 API_BATCH = "classify_batch"
 API_CARD = "model_card"
+# Tables keep whole words (the ABCD readout on a 390 px phone) and scroll sideways instead.
+APP_CSS = """
+#abcd table, #probabilities table { display: block; overflow-x: auto; }
+#abcd td, #abcd th, #probabilities td, #probabilities th { word-break: normal; overflow-wrap: normal; hyphens: none; }
+"""
 
 
 @dataclass(frozen=True)
@@ -120,84 +134,6 @@ def load_models(models_dir: str | Path, settings: ServeSettings) -> tuple[dict[s
     return images, mil
 
 
-# --------------------------------------------------------------------------------------------- wording
-
-
-def _percent(value: Any) -> str:
-    return "n/a" if value is None else f"{100 * float(value):.0f} %"
-
-
-def _display_name(code: str) -> str:
-    from pipelines.captions import DIAGNOSIS_NAMES
-
-    return f"{DIAGNOSIS_NAMES[code]} ({code})" if code in DIAGNOSIS_NAMES else code
-
-
-def threshold_markdown(p_malignant: float, card: dict[str, Any]) -> str:
-    """The malignancy probability against the bundle's referral threshold, in plain words."""
-    threshold = card.get("operating_threshold")
-    malignant = card.get("malignant_classes") or []
-    if not malignant or p_malignant is None or np.isnan(p_malignant):
-        return "This model names no malignant classes, so it gives no malignancy probability or referral threshold."
-    which = ", ".join(_display_name(c) for c in malignant)
-    head = f"**Malignancy probability: {p_malignant:.2f}** (sum of {which})."
-    if threshold is None:
-        return head + "\n\nThis model has no validated referral threshold; read the probability with care."
-    metrics = card.get("threshold_metrics") or {}
-    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
-    above = p_malignant >= float(threshold)
-    side = "above" if above else "below"
-    if above:
-        detail = (f"at this threshold the model found {_percent(sensitivity)} of malignant lesions in validation "
-                  f"(sensitivity), and flagged {_percent(None if specificity is None else 1 - specificity)} of "
-                  "benign ones too.")
-    else:
-        detail = (f"at this threshold the model correctly cleared {_percent(specificity)} of benign lesions in "
-                  f"validation (specificity), but missed {_percent(None if sensitivity is None else 1 - sensitivity)}"
-                  " of malignant ones.")
-    return f"{head}\n\n**{side.capitalize()} the referral threshold ({float(threshold):.3f})**: {detail}"
-
-
-def card_markdown(name: str, card: dict[str, Any]) -> str:
-    """A short model card: architecture, training data, validation (and test) metrics."""
-    arch = card.get("architecture", {})
-    training = card.get("training", {}) or {}
-    lines = [f"### Model card: {name}", ""]
-    pruned = " (pruned)" if arch.get("channel_plan") else ""
-    lines.append(f"- **Architecture:** {arch.get('name', '?')}{pruned}, input {card.get('input_size')} px, "
-                 f"{len(card.get('class_names', []))} classes: {', '.join(card.get('class_names', []))}")
-    counts = training.get("train_counts") or {}
-    real = sum(int(v.get("real", 0)) for v in counts.values() if isinstance(v, dict))
-    synthetic = sum(int(v.get("synthetic", 0)) for v in counts.values() if isinstance(v, dict))
-    data = training.get("data", "not recorded")
-    described = f"{data}"
-    if counts:
-        described += f"; {real} real" + (f" + {synthetic} synthetic" if synthetic else "") + " training images"
-    lines.append(f"- **Training data:** {described}")
-    if training:
-        balance = ", ".join(f"{k} {training[k]}" for k in ("loss", "class_weighting", "sampler") if k in training)
-        if balance:
-            lines.append(f"- **Imbalance handling:** {balance}")
-    metrics = card.get("metrics", {}) or {}
-    for split in ("validation", "test"):
-        m = metrics.get(split)
-        if not isinstance(m, dict):
-            continue
-        parts = [f"n = {m['n']}" if "n" in m else None]
-        for key, label in (("balanced_accuracy", "balanced accuracy"), ("macro_auc", "macro AUC"),
-                           ("malignant_auc", "malignant-vs-benign AUC")):
-            if isinstance(m.get(key), (int, float)):
-                parts.append(f"{label} {m[key]:.3f}")
-        lines.append(f"- **{split.capitalize()} metrics:** " + ", ".join(p for p in parts if p))
-    threshold = card.get("operating_threshold")
-    if threshold is not None:
-        tm = card.get("threshold_metrics") or {}
-        lines.append(f"- **Referral threshold:** P(malignant) >= {float(threshold):.3f}, chosen on validation: "
-                     f"sensitivity {_percent(tm.get('sensitivity'))}, specificity {_percent(tm.get('specificity'))}")
-    lines += ["", "_Intended use: research only, not a diagnostic device._"]
-    return "\n".join(lines)
-
-
 # --------------------------------------------------------------------------------------------- temporary files
 
 
@@ -239,13 +175,14 @@ class FileJanitor:
                     self._inodes.pop(path, None)
         return held
 
-    def release(self, held: Sequence[Path]) -> None:
-        """End a request's use of `held`; each file is deleted once no request has held it for `grace_s`."""
+    def release(self, held: Sequence[Path], grace_s: float | None = None) -> None:
+        """End a request's use of `held`; each file is deleted once no request has held it for `grace_s` (default:
+        the janitor's)."""
         with self._wake:
             for path in held:
                 self._holds[path] = max(0, self._holds.get(path, 1) - 1)
         for path in held:
-            self.delete_later(path, self.grace_s)
+            self.delete_later(path, self.grace_s if grace_s is None else grace_s)
 
     def delete_later(self, path: str | Path, delay_s: float) -> None:
         """Delete `path` (and its folder, if left empty) in `delay_s` seconds, unless a request holds it then."""
@@ -324,6 +261,7 @@ class LesionService:
 
     def analyse(self, image: Image.Image, model: ServedModel) -> dict[str, Any]:
         """Probabilities, malignancy vs threshold, explanation heat-map and ABCD readout for one RGB image."""
+        from app.explain import explanation_markdown
         from app.readout import abcd_readout, outline_image
 
         start = time.perf_counter()
@@ -334,24 +272,31 @@ class LesionService:
         readout, mask = abcd_readout(image)
         card = model.card
         threshold = card.get("operating_threshold")
+        p_value = None if np.isnan(p_malignant) else p_malignant
+        probabilities = {c: float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)}
+        explained = model.predictor.class_names[predicted]
+        decision = referral_decision(p_value, card)
         details = {
             "model": model.name,
-            "predicted": model.predictor.class_names[predicted],
-            "probabilities": {c: float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)},
-            "prob_malignant": None if np.isnan(p_malignant) else p_malignant,
+            "model_version": card.get("model_version"),
+            "referral": decision,
+            "predicted": explained,
+            "probabilities": probabilities,
+            "prob_malignant": p_value,
             "operating_threshold": threshold,
-            "above_threshold": None if threshold is None or np.isnan(p_malignant) else bool(p_malignant >= threshold),
+            "above_threshold": None if threshold is None or p_value is None else bool(p_value >= threshold),
             "threshold_metrics": {k: v for k, v in (card.get("threshold_metrics") or {}).items()
                                   if k in ("sensitivity", "specificity")},
-            "explanation": {"method": explanation.method, "class": model.predictor.class_names[predicted]},
+            "explanation": {"method": explanation.method, "class": explained},
             "abcd": readout,
         }
         log.info("analysed one image with '%s' in %.0f ms", model.name, 1000 * (time.perf_counter() - start))
         return {
             "details": details,
-            "label": {_display_name(c): float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)},
-            "threshold": threshold_markdown(p_malignant, card),
+            "referral": referral_html(p_value, card),
+            "probabilities": probabilities_markdown(probabilities) + "\n\n" + performance_markdown(card),
             "heatmap": explanation.overlay(),
+            "heat_note": explanation_markdown(class_name(explained), explanation.method),
             "outline": outline_image(image, mask),
         }
 
@@ -367,7 +312,7 @@ class LesionService:
         return str(path)
 
     def batch(self, paths: Sequence[str | Path], model: ServedModel) -> tuple[Any, Path, list[str]]:
-        """(prediction table, CSV path, skipped-file messages) with the columns of `lesionlab predict`."""
+        """(table for the screen, CSV path, skipped-file messages); the CSV has the columns of `lesionlab predict`."""
         if len(paths) > self.settings.max_batch_files:
             raise ImageError(f"{len(paths)} files were sent; at most {self.settings.max_batch_files} per batch")
         images, ids, skipped = [], [], []
@@ -384,7 +329,24 @@ class LesionService:
         self.janitor.delete_later(csv, self.settings.output_max_age_s)
         log.info("batch of %d files with '%s': %d predicted, %d skipped", len(paths), model.name, len(table),
                  len(skipped))
-        return table, csv, skipped
+        return batch_display(table, model.predictor.class_names, model.card), csv, skipped
+
+
+def batch_display(table: Any, class_names: Sequence[str], card: dict[str, Any]) -> Any:
+    """The prediction table as the screen shows it: the referral first, percentages (one decimal, so the columns
+    sort as numbers), full diagnosis names."""
+    import pandas as pd
+
+    shown = pd.DataFrame({"image": table["image_id"]})
+    p_malignant = table["prob_malignant"].astype(float)
+    shown["referral"] = [referral_decision(None if np.isnan(p) else float(p), card) for p in p_malignant]
+    shown["P(malignant) %"] = (100 * p_malignant).round(1)
+    shown["most likely"] = [class_name(c) for c in table["pred_label"]]
+    shown["its probability"] = [probability_text(float(table.loc[i, f"prob_{c}"]))
+                                for i, c in zip(table.index, table["pred_label"], strict=True)]
+    for c in class_names:
+        shown[f"{class_name(c)} %"] = (100 * table[f"prob_{c}"].astype(float)).round(1)
+    return shown
 
 
 def _file_path(value: Any) -> str | None:
@@ -430,9 +392,9 @@ def build_app(
     def _single_outputs(result: dict[str, Any]) -> tuple:
         # Images are handed over as our own files: Gradio writes PIL outputs to a content-addressed cache path
         # non-atomically, which breaks identical answers served at the same time.
-        return (result["label"], result["threshold"], service.save_output(result["heatmap"], "heatmap"),
-                service.save_output(result["outline"], "outline"), _readout_md(result["details"]["abcd"]),
-                result["details"])
+        return (result["referral"], result["probabilities"], service.save_output(result["heatmap"], "heatmap"),
+                result["heat_note"], service.save_output(result["outline"], "outline"),
+                _readout_md(result["details"]["abcd"]), result["details"])
 
     def _readout_md(readout: dict[str, Any]) -> str:
         from app.readout import readout_markdown
@@ -458,7 +420,7 @@ def build_app(
     def reanalyse(image: Image.Image | None, model_name: str | None) -> tuple:
         """Re-run the last uploaded image (kept in this session's memory) with another model."""
         if image is None:
-            return (None, "", None, None, "", None)
+            return ("", "", None, "", None, "", None)
         try:
             return _single_outputs(service.analyse(image, service.model(model_name)))
         except ValueError as err:
@@ -475,7 +437,8 @@ def build_app(
         except (ImageError, ValueError) as err:
             raise _fail(err) from None
         finally:
-            service.janitor.release(held)
+            # Kept while the page may press "Classify all" again (e.g. with another model), then deleted.
+            service.janitor.release(held, grace_s=settings.output_max_age_s)
         note = f"{len(table)} of {len(paths)} images classified."
         if skipped:
             note += "\n\n**Skipped:**\n" + "\n".join(f"- {message}" for message in skipped)
@@ -490,7 +453,7 @@ def build_app(
         return card_markdown(model.name, model.card)
 
     def clear_single() -> tuple:
-        return (None, "", None, None, "", None, None)
+        return ("", "", None, "", None, "", None, None)
 
     file_types_note = "JPEG, PNG, TIFF, BMP or WebP, at most " \
         f"{settings.max_file_mb:g} MB and {settings.max_megapixels:g} megapixels"
@@ -511,24 +474,24 @@ def build_app(
                                 with gr.Tab("Webcam"):
                                     webcam = gr.Image(sources=["webcam"], type="filepath", image_mode=None,
                                                       label="Take a photo", elem_id="webcam")
-                            card_box = gr.Markdown(card_markdown(default, models[default].card), label="model card",
-                                                   elem_id="card")
                         with gr.Column(scale=2):
-                            label = gr.Label(num_top_classes=max(len(m.bundle.class_names) for m in models.values()),
-                                             label="Diagnosis probabilities", elem_id="label")
-                            threshold = gr.Markdown(label="malignancy vs referral threshold", elem_id="threshold")
+                            referral = gr.HTML(label="Referral", elem_id="referral")
+                            probabilities = gr.Markdown(label="Diagnosis probabilities", elem_id="probabilities")
                             with gr.Row():
-                                heatmap = gr.Image(label="Explanation heat-map (what the model looked at)",
-                                                   type="filepath", format="png", interactive=False,
-                                                   height=320, elem_id="heatmap")
+                                heatmap = gr.Image(label="Explanation heat-map", type="filepath", format="png",
+                                                   interactive=False, height=354, elem_id="heatmap")
                                 outline = gr.Image(label="Lesion outline used for the ABCD readout", type="filepath",
-                                                   format="png", interactive=False, height=320,
+                                                   format="png", interactive=False, height=354,
                                                    elem_id="outline")
+                            heat_note = gr.Markdown(elem_id="heat-note")
                             readout = gr.Markdown(label="ABCD readout", elem_id="abcd")
                             with gr.Accordion("Details (JSON)", open=False):
                                 details = gr.JSON(label="details", elem_id="details")
+                    # Below the result on every screen: on a phone the columns stack and the result comes first.
+                    card_box = gr.Markdown(card_markdown(default, models[default].card), label="model card",
+                                           elem_id="card")
                     image_state = gr.State(None, time_to_live=settings.session_ttl_s)
-                    single_outputs = [label, threshold, heatmap, outline, readout, details]
+                    single_outputs = [referral, probabilities, heatmap, heat_note, outline, readout, details]
                     for source, event in ((upload, upload.upload), (webcam, webcam.input)):
                         event(clear_single, None, [*single_outputs, image_state], queue=False,
                               api_visibility="private").then(
@@ -561,8 +524,10 @@ def build_app(
             elif mil_bundles:
                 log.warning("MIL bundles %s found but app.pathology is not available; no pathology tab",
                             sorted(mil_bundles))
-        gr.Markdown("_No image, result or usage data leaves this machine. Uploaded files are deleted right after "
-                    "analysis; nothing you upload is written to the server log._")
+        minutes = max(1, round(settings.output_max_age_s / 60))
+        gr.Markdown("_No image, result or usage data leaves this machine. A single uploaded image is deleted from the "
+                    f"server within a minute of its analysis, batch files and results within {minutes} minutes, and "
+                    "everything left when the server stops; nothing you upload is written to the server log._")
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     demo.lesionlab_service = service  # for tests and benchmarks: the janitor and loaded models
     return demo
@@ -577,6 +542,7 @@ def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool
         inbrowser=False,
         show_error=True,
         ssr_mode=False,
+        css=APP_CSS,
         max_file_size=int(2 * settings.max_file_mb * 2**20),  # our decoder names anything between the two limits
         prevent_thread_lock=not block,
         quiet=True,

@@ -28,6 +28,11 @@ class ImageClassifier(nn.Module):
         return self.head(self.dropout(self.forward_features(x)))
 
 
+class FeatureMap(nn.Identity):
+    """Marks a CNN backbone's last spatial feature map, after its final activation, where class-activation maps
+    (Grad-CAM) read it. An identity: it changes neither the outputs nor the weights file."""
+
+
 class SmallCNN(nn.Module):
     """A plain VGG-style baseline: conv-BN-ReLU blocks, each doubling the width and halving the size."""
 
@@ -47,11 +52,12 @@ class SmallCNN(nn.Module):
             ]
             channels = width
         self.features = nn.Sequential(*layers)
+        self.feature_map = FeatureMap()
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.out_channels = channels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.features(x)).flatten(1)
+        return self.pool(self.feature_map(self.features(x))).flatten(1)
 
 
 class ViTBackbone(nn.Module):

@@ -12,6 +12,8 @@ import torch
 from monai.networks.nets import EfficientNet, EfficientNetBN
 from torch import nn
 
+from models.classifier import FeatureMap
+
 # EfficientNet-Lite (Google, 2020): B0 blocks without squeeze-excitation, ReLU6 instead of swish, stem (32) and
 # head (1280) not scaled, first and last stage not repeated more. Filters and repeats below are already scaled,
 # so MONAI builds them with width = depth = 1.0.
@@ -193,6 +195,9 @@ class EfficientNetBackbone(nn.Module):
         self.out_channels = net._fc.in_features
         net._fc = nn.Identity()
         net._dropout = nn.Identity()
+        # MONAI's forward ends `_swish(_bn1(_conv_head(x)))` -> `_avg_pooling`, and `_swish` is also the stem's
+        # activation, so the head's activated map has no module of its own: the marker in front of the pooling is it.
+        net._avg_pooling = nn.Sequential(FeatureMap(), net._avg_pooling)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)

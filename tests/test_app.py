@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import subprocess
 import sys
 import time
@@ -78,23 +79,28 @@ def test_classify_equals_lesionlab_predict(client, models_dir, tmp_path):  # noq
                  "--out", str(tmp_path / "p.csv")]) == 0
     expected = pd.read_csv(tmp_path / "p.csv").iloc[0]
 
-    label, threshold, heatmap, outline, readout, details = classify(client, SAMPLE)
+    referral, shown, heatmap, heat_note, outline, readout, details = classify(client, SAMPLE)
     assert details["predicted"] == expected["pred_label"]
     for name, p in details["probabilities"].items():
         assert p == pytest.approx(expected[f"prob_{name}"], abs=2e-6)
     assert details["prob_malignant"] == pytest.approx(expected["prob_malignant"], abs=2e-6)
-    # The label shows every class with its full name, most probable first, summing to one.
-    confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
-    assert len(confidences) == 7 and sum(confidences.values()) == pytest.approx(1.0, abs=1e-5)
-    assert label["label"].endswith(f"({expected['pred_label']})")
-    # Threshold wording matches the card (threshold 0.3, sensitivity 90 %, specificity 62 %).
-    side = "Above" if expected["prob_malignant"] >= 0.3 else "Below"
-    assert f"{side} the referral threshold (0.300)" in threshold
-    assert ("found 90 % of malignant lesions" if side == "Above" else "cleared 62 % of benign lesions") in threshold
-    assert details["above_threshold"] == (side == "Above")
+    # Probabilities: every class with its full name, most probable first, rounded and capped.
+    rows = [line for line in shown.splitlines() if line.startswith("| ") and "%" in line]
+    assert len(rows) == 7 and f"({expected['pred_label']})" in rows[0]
+    assert all(re.search(r"\| (> 99|< 1|\d{1,2}) % \|$", row) for row in rows)
+    # The headline is the referral decision, worded from the card (threshold 0.3, sensitivity 90 %, spec. 62 %).
+    above = expected["prob_malignant"] >= 0.3
+    assert ("Refer: above the referral threshold" if above else "Below the referral threshold") in referral
+    assert "sent on 90 % of malignant lesions" in referral and "cleared 62 % of benign ones" in referral
+    assert details["above_threshold"] == above
+    assert details["referral"] == ("Refer: above the referral threshold" if above else "Below the referral threshold")
+    assert f"Heat-map for: {details['explanation']['class']}" not in heat_note  # the full name, not the code
+    assert "Heat-map for:" in heat_note and f"({details['predicted']})" in heat_note
     # Heat-map over the 64 px crop the model saw (enlarged to 320 px); the readout uses the captioning stage's code.
-    with Image.open(heatmap) as image:
-        assert image.size == (320, 320) and image.mode == "RGB"
+    from app.explain import LEGEND_HEIGHT
+
+    with Image.open(heatmap) as image:  # with the colour bar underneath
+        assert image.size == (320, 320 + LEGEND_HEIGHT) and image.mode == "RGB"
     from pipelines.abcd import abcd_descriptors
 
     abcd = abcd_descriptors(Image.open(SAMPLE).convert("RGB"))
@@ -124,7 +130,16 @@ def test_batch_matches_predict_columns_and_skips_bad_files(client, models_dir, t
     table, csv, note = client.predict(files, "cnn", api_name="/classify_batch")
     got = pd.read_csv(csv)
     assert list(got.columns) == list(expected.columns)
-    assert list(table["headers"]) == list(expected.columns)
+    # The screen: referral first, percentages, full names; the CSV keeps the `lesionlab predict` columns.
+    headers = list(table["headers"])
+    assert headers[:5] == ["image", "referral", "P(malignant) %", "most likely", "its probability"]
+    assert "melanoma (mel) %" in headers
+    first = dict(zip(headers, table["data"][0], strict=True))
+    assert first["P(malignant) %"] == pytest.approx(100 * expected["prob_malignant"].iloc[0], abs=0.051)
+    assert first["referral"] in ("Refer: above the referral threshold", "Below the referral threshold")
+    # Pressing "Classify all" again (here with the other model) still finds the uploaded files.
+    again, _, note_again = client.predict(files, "lite0", api_name="/classify_batch")
+    assert len(again["data"]) == 2 and "2 of 3 images classified" in note_again
     assert got["image_id"].tolist() == expected["image_id"].tolist()
     assert got["pred_label"].tolist() == expected["pred_label"].tolist()
     numeric = [c for c in expected.columns if c.startswith("prob_")]
@@ -134,8 +149,9 @@ def test_batch_matches_predict_columns_and_skips_bad_files(client, models_dir, t
 
 def test_model_card_api_and_intended_use(client, server):
     card = client.predict("cnn", api_name="/model_card")
-    assert "small-cnn" in card and "Validation metrics" in card and "balanced accuracy 0.610" in card
-    assert "sensitivity 90 %, specificity 62 %" in card
+    assert "small-cnn" in card and "balanced accuracy) 58 %" in card and "malignant-vs-benign AUC 0.83" in card
+    assert "sent on 90 % of malignant lesions and cleared 62 % of benign ones" in card
+    assert "data/ham10000_sample" not in card and "Research use only" in card
     with urllib.request.urlopen(server[1] + "config", timeout=10) as response:
         config = response.read().decode()
     assert "Not a diagnostic device" in config
@@ -248,7 +264,7 @@ def test_uploads_deleted_outputs_stripped_and_names_not_logged(client, server, t
     with pytest.raises(AppError):
         classify(client, bad)
     result = classify(client, good)
-    for returned in (result[2], result[3]):  # heat-map and outline: PNG without EXIF or text chunks
+    for returned in (result[2], result[4]):  # heat-map and outline: PNG without EXIF or text chunks
         with Image.open(returned) as image:
             assert not image.getexif() and "exif" not in image.info
             assert not {k for k in image.info if k not in ("dpi", "gamma", "srgb")}
@@ -299,21 +315,11 @@ def test_explainer_heatmaps_and_predictor_untouched(models_dir, tmp_path):  # no
         assert explanation.method == method
         heat = explanation.heatmap
         assert heat.shape == (64, 64) and heat.min() >= 0 and heat.max() == pytest.approx(1.0) and heat.std() > 0.01
-        assert explanation.overlay().size == (320, 320) and explanation.overlay(min_side=0).size == (64, 64)
+        assert explanation.overlay(legend=False).size == (320, 320)
+        assert explanation.overlay(min_side=0, legend=False).size == (64, 64)
         # The served network gets no hooks and gives the same answer afterwards.
         assert all(not m._forward_hooks and not m._backward_hooks for m in bundle.model.modules())
         np.testing.assert_array_equal(predictor.predict([image]), before)
-
-
-def test_threshold_wording_below_and_without_malignant_classes():
-    from app.server import threshold_markdown
-
-    card = {"operating_threshold": 0.3, "malignant_classes": ["mel"],
-            "threshold_metrics": {"sensitivity": 0.9, "specificity": 0.62}}
-    below = threshold_markdown(0.1, card)
-    assert "Below the referral threshold (0.300)" in below and "cleared 62 % of benign lesions" in below
-    assert "missed 10 % of malignant" in below
-    assert "no malignancy probability" in threshold_markdown(float("nan"), {"malignant_classes": []})
 
 
 def test_discover_bundles_errors(tmp_path, models_dir):  # noqa: F811

@@ -1,0 +1,240 @@
+"""What the clinician reads: the referral headline, capped probabilities, measured performance and the model card.
+
+Every function turns numbers from a prediction and a bundle's card into text; none of them touches a model, a file
+or the network, so the wording can be tested on its own.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from pathlib import PurePath
+from typing import Any
+
+from pipelines.captions import DIAGNOSIS_NAMES
+
+REFER = "Refer: above the referral threshold"
+BELOW = "Below the referral threshold"
+NO_REFERRAL = "No referral threshold"
+BADGE_COLOURS = {REFER: ("#9b1c1c", "#fde8e8"), BELOW: ("#03543f", "#def7ec"), NO_REFERRAL: ("#374151", "#f3f4f6")}
+TRAINING_POPULATION = (
+    "Trained on dermoscopy images of mostly light-skinned patients (HAM10000: Austria and Australia); not validated "
+    "on darker skin or on clinical (non-dermoscopic) photographs. It knows only the classes listed: any other kind "
+    "of lesion is given one of them."
+)
+
+
+def class_name(code: str) -> str:
+    """The full diagnosis name of a class code ("melanoma (mel)"); unknown codes as they are."""
+    return f"{DIAGNOSIS_NAMES[code]} ({code})" if code in DIAGNOSIS_NAMES else code
+
+
+def percent(value: Any) -> str:
+    """A share as a whole percentage ("93 %"); "n/a" when unknown."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{100 * float(value):.0f} %"
+
+
+def probability_text(p: float) -> str:
+    """A probability as the screen shows it: whole percent, capped at "> 99 %" and "< 1 %"."""
+    if p > 0.99:
+        return "> 99 %"
+    if p < 0.01:
+        return "< 1 %"
+    return f"{100 * p:.0f} %"
+
+
+def compare_text(p: float, threshold: float) -> tuple[str, str]:
+    """`p` and `threshold` printed with the fewest decimals (at least 2) that keep them apart when they differ.
+
+    "0.298 below 0.298" cannot happen: the side is decided on the exact values, and the digits follow.
+    """
+    for digits in range(2, 16):
+        if p == threshold or f"{p:.{digits}f}" != f"{threshold:.{digits}f}":
+            return f"{p:.{digits}f}", f"{threshold:.{digits}f}"
+    return repr(p), repr(threshold)
+
+
+def referral_decision(p_malignant: float | None, card: dict[str, Any]) -> str:
+    """REFER, BELOW or NO_REFERRAL for a malignancy probability against the card's threshold."""
+    threshold = card.get("operating_threshold")
+    if not card.get("malignant_classes") or threshold is None or p_malignant is None or math.isnan(p_malignant):
+        return NO_REFERRAL
+    return REFER if p_malignant >= float(threshold) else BELOW
+
+
+def _malignant_names(card: dict[str, Any]) -> str:
+    return ", ".join(DIAGNOSIS_NAMES.get(c, c) for c in card.get("malignant_classes") or [])
+
+
+def referral_html(p_malignant: float | None, card: dict[str, Any]) -> str:
+    """The headline: a coloured badge with the referral decision, the malignancy probability and, in words, what
+    the threshold means (its validated sensitivity and specificity)."""
+    decision = referral_decision(p_malignant, card)
+    colour, background = BADGE_COLOURS[decision]
+    badge = (f'<div class="ll-badge" data-decision="{ {REFER: "refer", BELOW: "below"}.get(decision, "none") }" '
+             f'style="background:{background};color:{colour};border:2px solid {colour};border-radius:8px;'
+             f'padding:10px 14px;font-size:1.35em;font-weight:700">{html.escape(decision)}</div>')
+    if decision == NO_REFERRAL:
+        if not card.get("malignant_classes") or p_malignant is None or math.isnan(p_malignant):
+            text = "This model names no malignant classes, so it gives no malignancy probability or referral."
+        else:
+            text = (f"Malignancy probability {p_malignant:.2f} (sum of {html.escape(_malignant_names(card))}). "
+                    "This model has no validated referral threshold; read the probability with care.")
+        return f'{badge}<p class="ll-referral-text">{text}</p>'
+    threshold = float(card["operating_threshold"])
+    shown_p, shown_t = compare_text(float(p_malignant), threshold)
+    metrics = card.get("threshold_metrics") or {}
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    side = "at or above" if decision == REFER else "below"
+    meaning = (f"The threshold was chosen on the validation images: there the model sent on "
+               f"{percent(sensitivity)} of malignant lesions (sensitivity) and cleared {percent(specificity)} of "
+               f"benign ones (specificity).")
+    if decision == BELOW:
+        missed = None if sensitivity is None else 1 - sensitivity
+        meaning += (f" It missed {percent(missed)} of malignant lesions at this threshold, so a lesion that worries "
+                    "you clinically still needs referral.")
+    text = (f"Malignancy probability <b>{shown_p}</b> ({html.escape(_malignant_names(card))} together) is {side} "
+            f"the referral threshold {shown_t}. {meaning}")
+    return f'{badge}<p class="ll-referral-text">{text}</p>'
+
+
+def referral_markdown(p_malignant: float | None, card: dict[str, Any]) -> str:
+    """The referral decision and its numbers as plain text (for logs of the text-only API and for tests)."""
+    decision = referral_decision(p_malignant, card)
+    if decision == NO_REFERRAL:
+        return decision
+    shown_p, shown_t = compare_text(float(p_malignant), float(card["operating_threshold"]))
+    return f"{decision} (P(malignant) {shown_p}, threshold {shown_t})"
+
+
+def _ordered_classes(card: dict[str, Any], classes: list[str]) -> list[str]:
+    """Melanoma first, then the other malignant classes, then the rest in card order."""
+    malignant = list(card.get("malignant_classes") or [])
+    first = [c for c in ("mel",) if c in classes]
+    return first + [c for c in malignant if c in classes and c not in first] + [
+        c for c in classes if c not in first and c not in malignant]
+
+
+def performance_markdown(card: dict[str, Any]) -> str:
+    """What the card measured, in words: per-class sensitivity (melanoma first) and calibration."""
+    lines = []
+    metrics = card.get("metrics") or {}
+    for split in ("test", "validation"):
+        block = metrics.get(split) or {}
+        recall = block.get("recall") or {}
+        if recall:
+            order = _ordered_classes(card, list(recall))
+            parts = ", ".join(f"{DIAGNOSIS_NAMES.get(c, c)} {percent(recall[c])}" for c in order)
+            lines.append(f"**Measured sensitivity per class** ({split} split, {block.get('n', '?')} images the model "
+                         f"never trained on): {parts}.")
+            break
+    calibration = card.get("calibration") or {}
+    if calibration.get("method") and calibration["method"] != "none":
+        test_ece = (metrics.get("test") or {}).get("ece")
+        ece = f"; calibration error on the test split {test_ece:.3f}" if isinstance(test_ece, (int, float)) else ""
+        lines.append(f"**Calibration:** probabilities rescaled on the validation images ({calibration['method']} "
+                     f"scaling{ece}). A probability of 30 % means about 3 in 10 such cases had that diagnosis there.")
+    else:
+        lines.append("**Calibration:** this model's probabilities were not calibrated; treat them as scores.")
+    return "\n\n".join(lines)
+
+
+def probabilities_markdown(probabilities: dict[str, float]) -> str:
+    """Class probabilities, highest first, rounded and capped, with full diagnosis names."""
+    rows = sorted(probabilities.items(), key=lambda item: -item[1])
+    lines = ["| diagnosis | probability |", "|---|---:|"]
+    lines += [f"| {class_name(code)} | {probability_text(p)} |" for code, p in rows]
+    return "\n".join(lines)
+
+
+def _data_name(data: Any) -> str:
+    """The training data's name, never a server path."""
+    if not data:
+        return "not recorded"
+    text = str(data)
+    return PurePath(text).name if ("/" in text or "\\" in text) else text
+
+
+def _imbalance_words(training: dict[str, Any]) -> str | None:
+    words = []
+    sampler = training.get("sampler")
+    if sampler == "sqrt":
+        words.append("rare classes drawn more often during training (square-root sampling)")
+    elif sampler == "balanced":
+        words.append("every class drawn equally often during training")
+    weighting = training.get("class_weighting")
+    if weighting in ("effective", "inverse"):
+        words.append("errors on rare classes weighted more in the loss")
+    if training.get("loss") == "focal":
+        words.append("focal loss (hard cases weighted more)")
+    elif training.get("loss") == "logit-adjusted":
+        words.append("logit-adjusted loss for the class prior")
+    synthetic = sum(int(v.get("synthetic", 0)) for v in (training.get("train_counts") or {}).values()
+                    if isinstance(v, dict))
+    if synthetic:
+        words.append(f"{synthetic:,} synthetic images added to the rare classes")
+    return "; ".join(words) or None
+
+
+def card_markdown(name: str, card: dict[str, Any]) -> str:
+    """The clinical model card: what the model is, what it learnt from, how well it did, its limits. No paths."""
+    classes = list(card.get("class_names") or [])
+    training = card.get("training") or {}
+    arch = card.get("architecture") or {}
+    lines = [f"### Model card: {name}", ""]
+    version = card.get("model_version")
+    lines.append(f"- **Version:** {version}" if version else "- **Version:** not recorded")
+    lines.append(f"- **Classifies into:** {', '.join(class_name(c) for c in classes)}")
+    if card.get("malignant_classes"):
+        lines.append(f"- **Counted as malignant:** {_malignant_names(card)}")
+    counts = training.get("train_counts") or {}
+    data = _data_name(training.get("data"))
+    if counts:
+        real = {c: int(v.get("real", 0)) for c, v in counts.items() if isinstance(v, dict)}
+        per_class = ", ".join(f"{DIAGNOSIS_NAMES.get(c, c)} {n:,}" for c, n in real.items())
+        lines.append(f"- **Trained on:** {sum(real.values()):,} real images from {data} ({per_class})")
+    else:
+        lines.append(f"- **Trained on:** {data}")
+    if card.get("data_license"):
+        lines.append(f"- **Data source and licence:** {card['data_license']}")
+    imbalance = _imbalance_words(training)
+    if imbalance:
+        lines.append(f"- **Rare classes:** {imbalance}")
+    threshold = card.get("operating_threshold")
+    metrics = card.get("metrics") or {}
+    test = metrics.get("test") or {}
+    if threshold is not None:
+        tm = card.get("threshold_metrics") or {}
+        at_test = test.get("at_operating_threshold") or {}
+        validated = (f"- **Referral threshold {float(threshold):.3f}:** on the validation images it sent on "
+                     f"{percent(tm.get('sensitivity'))} of malignant lesions and cleared "
+                     f"{percent(tm.get('specificity'))} of benign ones")
+        if at_test:
+            validated += (f"; on the test images {percent(at_test.get('sensitivity'))} and "
+                          f"{percent(at_test.get('specificity'))}")
+        lines.append(validated)
+    for split in ("test", "validation"):
+        block = metrics.get(split) or {}
+        if isinstance(block.get("malignant_auc"), (int, float)) or isinstance(block.get("balanced_accuracy"),
+                                                                               (int, float)):
+            parts = []
+            if isinstance(block.get("malignant_auc"), (int, float)):
+                parts.append(f"malignant-vs-benign AUC {block['malignant_auc']:.2f}")
+            if isinstance(block.get("balanced_accuracy"), (int, float)):
+                mean_recall = percent(block["balanced_accuracy"])
+                parts.append(f"mean sensitivity over the classes (balanced accuracy) {mean_recall}")
+            lines.append(f"- **Overall ({split}, {block.get('n', '?')} images):** " + ", ".join(parts))
+            break
+    lines += ["", performance_markdown(card), ""]
+    lines.append(f"**Limitations:** {TRAINING_POPULATION} Research use only; not a diagnostic device.")
+    inference = card.get("inference") or {}
+    technical = [f"{arch.get('name', '?')}" + (" (pruned)" if arch.get("channel_plan") else ""),
+                 f"input {card.get('input_size')} px"]
+    if (card.get("preprocessing") or {}).get("color_constancy"):
+        technical.append("Shades-of-Gray colour constancy")
+    if inference.get("tta"):
+        technical.append(f"{inference['tta']} views averaged per image")
+    lines += ["", f"_Technical: {', '.join(technical)}._"]
+    return "\n".join(lines)
