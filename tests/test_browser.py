@@ -1,12 +1,16 @@
-"""A real browser (Debian's Chromium via Playwright) uploads a sample image and sees the label and the heat-map."""
+"""A real browser (Debian's Chromium via Playwright) uploads a sample image and sees the referral, the probabilities
+and the heat-map with its legend, on a desktop and on a phone-sized screen."""
 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 
 import pytest
 from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+
+from app.explain import LEGEND_HEIGHT
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -42,14 +46,18 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
             page.on("request", lambda request: requested.append(request.url))
             page.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
             expect(page.locator("#intended-use")).to_contain_text("Not a diagnostic device", timeout=30_000)
-            expect(page.locator("#card")).to_contain_text("Architecture", timeout=10_000)
+            expect(page.locator("#card")).to_contain_text("Classifies into", timeout=10_000)
 
             page.locator("#upload input[type=file]").set_input_files(str(SAMPLE))
 
-            # The label shows the predicted class by its full name, e.g. "melanocytic nevus (nv)".
-            label = page.locator("#label")
-            expect(label).to_contain_text("(", timeout=30_000)
-            expect(label).to_contain_text("%", timeout=30_000)
+            # The headline is the referral badge; probabilities follow with full names, capped and rounded.
+            badge = page.locator("#referral .ll-badge")
+            expect(badge).to_contain_text("referral threshold", timeout=30_000)
+            assert badge.get_attribute("data-decision") in ("refer", "below")
+            probabilities = page.locator("#probabilities")
+            expect(probabilities).to_contain_text("melanoma (mel)", timeout=30_000)
+            cells = probabilities.locator("td:nth-child(2)").all_inner_texts()
+            assert len(cells) == 7 and all(re.fullmatch(r"(> 99|< 1|\d{1,2}) %", c.strip()) for c in cells), cells
             heatmap = page.locator("#heatmap img")
             expect(heatmap).to_be_visible(timeout=30_000)
             page.wait_for_function(
@@ -57,8 +65,9 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
                 " return i && i.complete && i.naturalWidth > 0; }",
                 timeout=30_000,
             )
-            assert heatmap.evaluate("i => i.naturalWidth") == 320  # the model's 64 px input crop, enlarged
-            expect(page.locator("#threshold")).to_contain_text("referral threshold", timeout=10_000)
+            # The model's 64 px input crop, enlarged, with the colour bar underneath; the note names the class.
+            assert heatmap.evaluate("i => [i.naturalWidth, i.naturalHeight]") == [320, 320 + LEGEND_HEIGHT]
+            expect(page.locator("#heat-note")).to_contain_text("Heat-map for:", timeout=10_000)
             expect(page.locator("#abcd")).to_contain_text("A: asymmetry", timeout=10_000)
 
             shot = tmp_path / "single_image.png"
@@ -76,5 +85,18 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
             # Offline and private: the page fetched nothing from any other host (no fonts, CDN or analytics).
             external = [u for u in requested if not u.startswith((app_url, "data:", "blob:"))]
             assert requested and not external, external[:5]
+
+            # A phone (390 x 844): the result comes before the model card.
+            phone = browser.new_page(viewport={"width": 390, "height": 844}, device_scale_factor=2, is_mobile=True)
+            phone.goto(app_url, wait_until="domcontentloaded", timeout=30_000)
+            phone.locator("#upload input[type=file]").set_input_files(str(SAMPLE))
+            expect(phone.locator("#referral .ll-badge")).to_be_visible(timeout=30_000)
+            expect(phone.locator("#abcd")).to_contain_text("A: asymmetry", timeout=30_000)
+            result_box = phone.locator("#referral").bounding_box()
+            card_box = phone.locator("#card").bounding_box()
+            assert result_box["y"] < card_box["y"], (result_box, card_box)
+            # The ABCD table keeps whole words (it scrolls sideways instead of breaking them).
+            assert phone.locator("#abcd td").first.evaluate("c => getComputedStyle(c).wordBreak") == "normal"
+            phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
         finally:
             browser.close()
