@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,10 +68,16 @@ def load_image(source: str | Path | bytes | Image.Image, limits: ImageLimits = I
             )
         try:
             with warnings.catch_warnings():
-                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                # Pillow's own bomb warning (> 89 MP) is left to the pixel limit below, which names the limit.
+                warnings.simplefilter("ignore", Image.DecompressionBombWarning)
                 image = Image.open(io.BytesIO(data))
                 image.size  # noqa: B018 - header parsed; the pixel check below runs before decoding
-        except (UnidentifiedImageError, Image.DecompressionBombError, Image.DecompressionBombWarning, OSError) as err:
+        except Image.DecompressionBombError as err:  # > 179 MP: Pillow refuses to open it at all
+            found = re.search(r"\((\d+) pixels\)", str(err))
+            size = f"{int(found.group(1)) / 1e6:.1f} MP" if found else "more than 179 MP"
+            raise ImageError(f"image '{label}' has {size}; at most {limits.max_pixels / 1e6:.0f} MP is accepted") \
+                from err
+        except (UnidentifiedImageError, OSError) as err:
             raise ImageError(
                 f"'{label}' is not a readable image ({type(err).__name__}); "
                 "expected a JPEG, PNG, TIFF, BMP or WebP file"
