@@ -533,8 +533,26 @@ def build_app(
     return demo
 
 
+def health(service: LesionService) -> dict[str, Any]:
+    """What GET /healthz answers: a tiny JSON with the status, the loaded models and the software version."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        software = version("lesionlab")
+    except PackageNotFoundError:
+        software = "unknown"
+    return {
+        "status": "ok",
+        "models": {name: model.card.get("model_version") for name, model in service.models.items()},
+        "pathology_models": sorted(service.mil_bundles),
+        "version": software,
+    }
+
+
 def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool = True) -> Any:
-    """Start the server (no share link, no SSR, API open to gradio_client) and return the Blocks."""
+    """Start the server (no share link, no SSR, API open to gradio_client) with GET /healthz, and return the Blocks."""
+    from fastapi.responses import JSONResponse
+
     demo.launch(
         server_name=host,
         server_port=port,
@@ -544,9 +562,14 @@ def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool
         ssr_mode=False,
         css=APP_CSS,
         max_file_size=int(2 * settings.max_file_mb * 2**20),  # our decoder names anything between the two limits
-        prevent_thread_lock=not block,
+        prevent_thread_lock=True,
         quiet=True,
     )
+    service = demo.lesionlab_service
+    demo.app.add_api_route("/healthz", lambda: JSONResponse(health(service), headers={"Cache-Control": "no-store"}),
+                           methods=["GET"], include_in_schema=False)
+    if block:
+        demo.block_thread()
     return demo
 
 

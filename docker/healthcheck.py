@@ -36,7 +36,7 @@ def main() -> int:
     if not runs_server():
         return 0
     port = os.environ.get("LESIONLAB_PORT", "7860")
-    path = os.environ.get("LESIONLAB_HEALTH_PATH", "/")
+    path = os.environ.get("LESIONLAB_HEALTH_PATH", "/healthz")
     problem = probe(f"http://127.0.0.1:{port}{path}", float(os.environ.get("LESIONLAB_HEALTH_TIMEOUT", "4")))
     if problem:
         sys.stderr.write(f"healthcheck: {problem}\n")

@@ -157,6 +157,17 @@ def test_model_card_api_and_intended_use(client, server):
     assert "Not a diagnostic device" in config
 
 
+def test_health_endpoint_is_tiny_json(server):
+    import json
+
+    with urllib.request.urlopen(server[1] + "healthz", timeout=10) as response:
+        body = response.read()
+        assert response.headers["Content-Type"].startswith("application/json")
+    health = json.loads(body)
+    assert health["status"] == "ok" and set(health["models"]) == {"cnn", "lite0"} and health["version"]
+    assert len(body) < 1000
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
