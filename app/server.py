@@ -74,6 +74,7 @@ class ServeSettings:
     output_max_age_s: int = 900  # heat-maps and CSVs handed to the browser are deleted after this
     session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
     tta: int | None = None  # test-time-augmentation views; None: what each bundle was validated with
+    auth_file: str | None = None  # login file (app.auth); None: no login
 
     def limits(self, min_side: int = 32) -> ImageLimits:
         """The image limits these settings describe."""
@@ -553,7 +554,15 @@ def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool
     """Start the server (no share link, no SSR, API open to gradio_client) with GET /healthz, and return the Blocks."""
     from fastapi.responses import JSONResponse
 
+    from app.auth import LoginChecker
+
+    auth = LoginChecker(settings.auth_file) if settings.auth_file else None
+    if auth is None and host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without a login: anyone who can reach this address can use the app and its API; "
+                    "set --auth-file (or LESIONLAB_AUTH_FILE) on a shared network", host)
     demo.launch(
+        auth=auth,
+        auth_message="lesionlab: sign in with the account your administrator gave you." if auth else None,
         server_name=host,
         server_port=port,
         share=False,
@@ -589,6 +598,7 @@ def serve_cli(args: Any) -> None:
         max_file_mb=float(getattr(args, "max_file_mb", 25.0)),
         max_megapixels=float(getattr(args, "max_megapixels", 50.0)),
         tta=getattr(args, "tta", None),
+        auth_file=getattr(args, "auth_file", None),
     )
     if settings.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {settings.concurrency}")

@@ -16,7 +16,7 @@ if [ "$#" -eq 0 ]; then
 fi
 
 case "$1" in
-    -*|ingest|run|train|evaluate|predict|serve)
+    -*|ingest|run|train|evaluate|predict|ensemble|serve|users)
         ;;
     *)
         # Not a lesionlab sub-command: run it as a program if there is one by that name (bash, python, ...).

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -121,6 +122,10 @@ def _cmd_serve(args: argparse.Namespace) -> None:
     importlib.import_module("app.server").serve_cli(args)
 
 
+def _cmd_users(args: argparse.Namespace) -> None:
+    importlib.import_module("app.auth").users_cli(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     parser = argparse.ArgumentParser(prog="lesionlab", description="Imbalance-aware medical image classification.")
@@ -183,7 +188,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-megapixels", type=float, default=50.0)
     p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
                    "own setting, which its calibration and threshold were fitted with)")
+    p.add_argument("--auth-file", default=os.environ.get("LESIONLAB_AUTH_FILE"),
+                   help="login file (lines 'username:<scrypt hash>', see `lesionlab users add`; default "
+                   "$LESIONLAB_AUTH_FILE): every page, upload and API call then needs a login")
     p.set_defaults(func=_cmd_serve)
+
+    p = sub.add_parser("users", help="manage the web app's login file")
+    users = p.add_subparsers(dest="users_command", required=True)
+    p = users.add_parser("add", help="add a user (or set a new password) in a login file")
+    p.add_argument("--auth-file", required=True, help="login file to create or update (mode 0600)")
+    p.add_argument("name", help="username: letters, digits, . _ @ -")
+    p.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
+    p.set_defaults(func=_cmd_users)
 
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_cli(sub)
