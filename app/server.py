@@ -27,6 +27,8 @@ from app.wording import (
     probability_text,
     referral_decision,
     referral_html,
+    scope_warnings,
+    warnings_html,
 )
 from models.bundle import Bundle, load_bundle, read_card
 from pipelines.images import ImageError, ImageLimits, load_image
@@ -277,6 +279,7 @@ class LesionService:
         probabilities = {c: float(p) for c, p in zip(model.predictor.class_names, probs, strict=True)}
         explained = model.predictor.class_names[predicted]
         decision = referral_decision(p_value, card)
+        warnings = scope_warnings(*image.size, model.bundle.input_size)
         details = {
             "model": model.name,
             "model_version": card.get("model_version"),
@@ -290,11 +293,12 @@ class LesionService:
                                   if k in ("sensitivity", "specificity")},
             "explanation": {"method": explanation.method, "class": explained},
             "abcd": readout,
+            "warnings": warnings,
         }
         log.info("analysed one image with '%s' in %.0f ms", model.name, 1000 * (time.perf_counter() - start))
         return {
             "details": details,
-            "referral": referral_html(p_value, card),
+            "referral": warnings_html(warnings) + referral_html(p_value, card),
             "probabilities": probabilities_markdown(probabilities) + "\n\n" + performance_markdown(card),
             "heatmap": explanation.overlay(),
             "heat_note": explanation_markdown(class_name(explained), explanation.method),

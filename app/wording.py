@@ -56,6 +56,35 @@ def compare_text(p: float, threshold: float) -> tuple[str, str]:
     return repr(p), repr(threshold)
 
 
+MAX_ASPECT_RATIO = 3.0  # dermoscopy images are close to square; the model sees the centre square only
+MIN_SIDE_FRACTION = 0.5  # sides under half the model's input are enlarged by more than 2x
+
+
+def scope_warnings(width: int, height: int, input_size: int) -> list[str]:
+    """Warnings (not refusals) for images outside what the model was validated on: extreme shapes, tiny images."""
+    warnings = []
+    ratio = max(width, height) / max(1, min(width, height))
+    if ratio > MAX_ASPECT_RATIO:
+        warnings.append(f"This image is {ratio:.0f} times {'wider' if width > height else 'taller'} than it is "
+                        f"{'tall' if width > height else 'wide'} ({width} x {height} px): the model saw only its "
+                        "centre square, and was validated on near-square dermoscopy images. Check that the lesion "
+                        "is in the centre, or crop the image around it.")
+    if min(width, height) < MIN_SIDE_FRACTION * input_size:
+        warnings.append(f"This image is small ({width} x {height} px) against the model's {input_size} px input: "
+                        "it was enlarged, and the model was validated on larger images.")
+    return warnings
+
+
+def warnings_html(warnings: list[str]) -> str:
+    """The warnings as a yellow notice above the result ("" when there are none)."""
+    if not warnings:
+        return ""
+    items = "".join(f"<li>{html.escape(w)}</li>" for w in warnings)
+    return ('<div class="ll-warning" style="background:#fdf6b2;color:#723b13;border:1px solid #c27803;'
+            f'border-radius:8px;padding:8px 12px;margin-bottom:8px"><b>Outside what this model was validated on:'
+            f"</b><ul>{items}</ul></div>")
+
+
 def referral_decision(p_malignant: float | None, card: dict[str, Any]) -> str:
     """REFER, BELOW or NO_REFERRAL for a malignancy probability against the card's threshold."""
     threshold = card.get("operating_threshold")

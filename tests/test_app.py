@@ -386,3 +386,12 @@ def test_lesionlab_serve_command(models_dir, tmp_path):  # noqa: F811
         process.wait(timeout=30)
     output = process.stdout.read().decode()
     assert "loaded model 'lite0'" in output
+
+
+def test_a_long_strip_is_classified_with_a_warning(client, tmp_path):
+    strip = _save(Image.open(SAMPLE).convert("RGB").resize((2000, 40)), tmp_path / "strip.png")
+    referral, *_, details = classify(client, strip)
+    assert details["warnings"] and "50 times wider than it is tall" in details["warnings"][0]
+    assert "Outside what this model was validated on" in referral
+    plain = classify(client, SAMPLE)
+    assert plain[-1]["warnings"] == [] and "ll-warning" not in plain[0]

@@ -75,3 +75,13 @@ def test_card_never_shows_a_server_path():
     card = {"class_names": ["mel", "nv"], "training": {"data": "/srv/hospital/private/ham10000"}}
     text = card_markdown("m", card)
     assert "/srv" not in text and "ham10000" in text and "**Version:** not recorded" in text
+
+
+def test_extreme_shapes_and_tiny_images_get_a_warning_not_a_refusal():
+    from app.wording import scope_warnings, warnings_html
+
+    assert scope_warnings(600, 450, 224) == []
+    strip = scope_warnings(10_000, 40, 224)
+    assert len(strip) == 2 and "250 times wider than it is tall" in strip[0] and "small (10000 x 40 px)" in strip[1]
+    assert "taller" in scope_warnings(100, 400, 64)[0]
+    assert "ll-warning" in warnings_html(strip) and warnings_html([]) == ""
