@@ -7,6 +7,7 @@ import heapq
 import importlib.util
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -231,6 +232,41 @@ class FileJanitor:
             log.debug("temporary file not deleted: %s", err)
 
 
+# --------------------------------------------------------------------------------------------- scratch folders
+
+OUTPUT_PREFIX, GRADIO_PREFIX = "lesionlab-out-", "lesionlab-gradio-"
+_SCRATCH = re.compile(rf"^(?:{OUTPUT_PREFIX}|{GRADIO_PREFIX})(\d+)-")
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A private (0700) temporary folder named after this process, removed when the process exits."""
+    folder = Path(tempfile.mkdtemp(prefix=f"{prefix}{os.getpid()}-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    return folder
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # someone else's process
+    return True
+
+
+def remove_leftovers(root: str | Path | None = None) -> int:
+    """Delete the scratch folders of server processes that no longer run (a killed server); returns how many."""
+    root = Path(root or tempfile.gettempdir())
+    removed = 0
+    for entry in root.iterdir() if root.is_dir() else []:
+        found = _SCRATCH.match(entry.name)
+        if found and entry.is_dir() and int(found.group(1)) != os.getpid() and not _alive(int(found.group(1))):
+            shutil.rmtree(entry, ignore_errors=True)
+            removed += 1
+    return removed
+
+
 # --------------------------------------------------------------------------------------------- the service
 
 
@@ -242,7 +278,7 @@ class LesionService:
     settings: ServeSettings
     janitor: FileJanitor
     mil_bundles: dict[str, Bundle] = field(default_factory=dict)
-    output_dir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="lesionlab-out-")))
+    output_dir: Path = field(default_factory=lambda: scratch_dir(OUTPUT_PREFIX))
 
     def model(self, name: str | None) -> ServedModel:
         """The served model called `name` (the first one when empty)."""
@@ -590,9 +626,18 @@ def _private_gradio_dir() -> None:
     """Give Gradio's upload cache a private folder (0700) removed at exit, unless GRADIO_TEMP_DIR is set."""
     if os.environ.get("GRADIO_TEMP_DIR"):
         return
-    folder = tempfile.mkdtemp(prefix="lesionlab-gradio-")
-    os.environ["GRADIO_TEMP_DIR"] = folder
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["GRADIO_TEMP_DIR"] = str(scratch_dir(GRADIO_PREFIX))
+
+
+def _exit_on_sigterm() -> None:
+    """`docker stop` and service managers send SIGTERM: exit as on Ctrl-C, so the exit clean-up runs."""
+    import signal
+
+    def _stop(signum, _frame):
+        log.info("stopping (signal %d); removing uploads and outputs", signum)
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, _stop)
 
 
 def serve_cli(args: Any) -> None:
@@ -606,6 +651,10 @@ def serve_cli(args: Any) -> None:
     )
     if settings.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {settings.concurrency}")
+    removed = remove_leftovers()
+    if removed:
+        log.info("removed %d scratch folder(s) left by a server that did not stop cleanly", removed)
+    _exit_on_sigterm()
     _private_gradio_dir()
     demo = build_app(args.models, settings)
     log.info("serving on http://%s:%d (concurrency %d)", args.host, args.port, settings.concurrency)

@@ -364,7 +364,14 @@ def test_lesionlab_serve_command(models_dir, tmp_path):  # noqa: F811
     from gradio_client import Client
 
     port = free_port()
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp_path / "gradio")}
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (scratch / f"lesionlab-out-{dead.pid}-x1" / "batch-1").mkdir(parents=True)  # a killed server's leftovers
+    (scratch / f"lesionlab-gradio-{os.getpid()}-x2").mkdir()  # a running process's folder: kept
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    env.pop("GRADIO_TEMP_DIR", None)
     process = subprocess.Popen(
         [sys.executable, "-m", "pipelines.cli", "serve", "--models", str(models_dir), "--port", str(port),
          "--concurrency", "1"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -381,11 +388,17 @@ def test_lesionlab_serve_command(models_dir, tmp_path):  # noqa: F811
                 time.sleep(0.5)
         card = Client(url, verbose=False).predict("lite0", api_name="/model_card")
         assert "efficientnet-lite0" in card
+        own = sorted(p.name for p in scratch.iterdir() if f"-{process.pid}-" in p.name)
+        assert len(own) == 2, own  # its upload cache and its output folder
+        assert not (scratch / f"lesionlab-out-{dead.pid}-x1").exists()
     finally:
-        process.terminate()
+        process.terminate()  # SIGTERM, as `docker stop` sends
         process.wait(timeout=30)
     output = process.stdout.read().decode()
-    assert "loaded model 'lite0'" in output
+    assert "loaded model 'lite0'" in output and "removed 1 scratch folder" in output
+    assert process.returncode == 0, output[-2000:]
+    assert [p.name for p in scratch.iterdir() if p.name.startswith("lesionlab-")] == [
+        f"lesionlab-gradio-{os.getpid()}-x2"], "everything the server wrote is removed when it stops"
 
 
 def test_a_long_strip_is_classified_with_a_warning(client, tmp_path):
