@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import re
 import sys
 import time
 import urllib.error
@@ -107,12 +106,6 @@ def wait_http(url: str, timeout_s: float) -> float:
     raise AssertionError(f"{url} did not answer within {timeout_s:.0f} s (last: {last})")
 
 
-def class_code(display: str) -> str:
-    """The class code in an app label: 'dermatofibroma (df)' -> 'df'; a bare code stays as it is."""
-    match = re.search(r"\(([^()]+)\)\s*$", display)
-    return match.group(1) if match else display
-
-
 def compare_api(url: str, csv_path: Path, images: Path, model: str, tolerance: float) -> dict[str, float]:
     """Call the served API (single and batch) on every image and compare with the `lesionlab predict` CSV."""
     from gradio_client import Client, handle_file
@@ -125,14 +118,14 @@ def compare_api(url: str, csv_path: Path, images: Path, model: str, tolerance: f
     start = time.monotonic()
     for path in paths:
         outputs = client.predict(handle_file(str(path)), model, api_name="/classify")
-        label = outputs[0]
-        confidences = {class_code(c["label"]): float(c["confidence"]) for c in label["confidences"]}
+        details = outputs[-1]  # the JSON details: full-precision probabilities keyed by class code
         row = expected[path.stem]
-        if class_code(label["label"]) != row["pred_label"]:
-            raise AssertionError(f"{path.name}: API says {label['label']}, "
+        if details["predicted"] != row["pred_label"]:
+            raise AssertionError(f"{path.name}: API says {details['predicted']}, "
                                  f"`lesionlab predict` says {row['pred_label']}")
-        for cls, prob in confidences.items():
-            worst = max(worst, abs(prob - float(row[f"prob_{cls}"])))
+        for cls, prob in details["probabilities"].items():
+            worst = max(worst, abs(float(prob) - float(row[f"prob_{cls}"])))
+        worst = max(worst, abs(float(details["prob_malignant"]) - float(row["prob_malignant"])))
     timings["api_single_s_per_image"] = (time.monotonic() - start) / len(paths)
     start = time.monotonic()
     table, batch_csv, _note = client.predict([handle_file(str(p)) for p in paths], model, api_name="/classify_batch")

@@ -271,7 +271,6 @@ def test_smoke_checks_catch_a_wrong_csv(tmp_path):
     shifted = tmp_path / "shifted.csv"
     shifted.write_text("image_id,pred_label,prob_mel,prob_nv,prob_malignant\na,nv,0.21,0.79,0.21\nb,mel,0.7,0.3,0.7\n")
     assert smoke_check.compare_csvs(good, good, 1e-4) == 0.0
-    assert smoke_check.class_code("dermatofibroma (df)") == "df" and smoke_check.class_code("nv") == "nv"
     with pytest.raises(AssertionError, match="differ by"):
         smoke_check.compare_csvs(good, shifted, 1e-4)
 
