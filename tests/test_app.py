@@ -69,6 +69,29 @@ def probabilities(result) -> np.ndarray:
 # ----------------------------------------------------------------------------------------------- correct answers
 
 
+def test_container_smoke_check_reads_the_live_api(server, models_dir, tmp_path):  # noqa: F811
+    """docker/smoke_check.py compares the served API with `lesionlab predict`; it must understand today's outputs."""
+    sys.path.insert(0, str(ROOT / "docker"))
+    import smoke_check
+
+    from pipelines.cli import main
+
+    folder = tmp_path / "two"
+    folder.mkdir()
+    for path in (SAMPLE, OTHER):
+        (folder / path.name).write_bytes(path.read_bytes())
+    csv = tmp_path / "p.csv"
+    assert main(["predict", "--bundle", str(models_dir / "lite0"), "--images", str(folder), "--out", str(csv)]) == 0
+    timings = smoke_check.compare_api(server[1], csv, folder, "lite0", 1e-4)
+    assert timings["max_abs_diff"] <= 1e-4
+    # ... and it notices an API that disagrees with the CSV.
+    table = pd.read_csv(csv)
+    table.loc[0, "prob_malignant"] += 0.05
+    table.to_csv(csv, index=False)
+    with pytest.raises(AssertionError, match="differ"):
+        smoke_check.compare_api(server[1], csv, folder, "lite0", 1e-4)
+
+
 def test_classify_equals_lesionlab_predict(client, models_dir, tmp_path):  # noqa: F811
     from pipelines.cli import main
 
