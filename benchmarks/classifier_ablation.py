@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs/classifier_ablation"),
                         help="scratch folder for the intermediate bundles (not part of the record)")
     parser.add_argument("--smote", action="store_true", help="add the feature-space SMOTE head row (slow)")
+    parser.add_argument("--seed-member", type=Path, default=None,
+                        help="a bundle of the same recipe trained with another seed on the same split: adds the "
+                        "row 'ensemble of two seeds' (this run's bundle + that one, both TTA, calibrated)")
     parser.add_argument("--bootstrap", type=int, default=1000)
     parser.add_argument("--baseline-train-minutes", type=float, default=float("nan"),
                         help="the baseline's training time, when its card does not record it")
@@ -174,6 +177,19 @@ def main() -> None:
                     members=(Arm("new", ema_v, ema_t, views=8), old_tta),
                     train_minutes=train_minutes + baseline_minutes))
 
+    if args.seed_member is not None:
+        member_card = json.loads((args.seed_member / "card.json").read_text())
+        if member_card.get("manifest_sha256") != manifest_sha256(manifest_path):
+            raise SystemExit(f"--seed-member '{args.seed_member}' was trained on another manifest than "
+                             f"'{manifest_path}'")
+        member_tf = card_transform(member_card)
+        seed_v, seed_t = _logits_of(args.seed_member, ImageDataset(rows["val"], class_names, member_tf),
+                                    ImageDataset(rows["test"], class_names, member_tf), 8)
+        member_minutes = member_card.get("training", {}).get("train_minutes", float("nan"))
+        arms.append(Arm(f"ensemble of two seeds: this run + {args.seed_member.name} (both TTA, calibrated)",
+                        ema_v, ema_t, members=(Arm("new", ema_v, ema_t, views=8), Arm("seed", seed_v, seed_t,
+                                                                                    views=8)),
+                        train_minutes=train_minutes + member_minutes))
     sample = [Image.open(p).convert("RGB") for p in rows["test"].path.head(23)]
     latency = {("base", 1): _latency_ms(args.baseline, sample, 1), ("new", 1): _latency_ms(bundle_dir, sample, 1),
                ("new", 8): _latency_ms(bundle_dir, sample, 8), ("base", 8): _latency_ms(args.baseline, sample, 8)}
@@ -194,7 +210,9 @@ def main() -> None:
         raw_m = compute_metrics(test_labels, test_raw, class_names, malignant)
         delta = paired_bootstrap_delta(test_labels, reference, test_cal, class_names, malignant,
                                        n_boot=args.bootstrap) if i else None
-        if arm.members:
+        if arm.members and arm.name.startswith("ensemble of two seeds"):
+            ms = 2 * latency[("new", 8)]
+        elif arm.members:
             ms = latency[("new", 8)] + latency[("base", 8)]
         elif i == 0:
             ms = latency[("base", 1)]
