@@ -1,5 +1,6 @@
 """A real browser (Debian's Chromium via Playwright) uploads a sample image and sees the referral, the probabilities
-and the heat-map with its legend, on a desktop and on a phone-sized screen."""
+and the heat-map with its legend, on a desktop and on a phone-sized screen; behind a login, a wrong password is
+refused and the right one opens the app."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
                   "--no-first-run", "--no-default-browser-check", "--disable-extensions"]
 SAMPLE = SAMPLE_IMAGES / "ISIC_0024307.jpg"
+LOGIN_PASSWORD = "correct horse battery"
 
 pytestmark = pytest.mark.browser
 
@@ -98,5 +100,56 @@ def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
             # The ABCD table keeps whole words (it scrolls sideways instead of breaking them).
             assert phone.locator("#abcd td").first.evaluate("c => getComputedStyle(c).wordBreak") == "normal"
             phone.screenshot(path=str(tmp_path / "phone.png"), full_page=True)
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def protected_url(models_dir, tmp_path_factory):  # noqa: F811
+    from app.auth import add_user
+
+    login_file = tmp_path_factory.mktemp("browser-auth") / "users"
+    add_user(login_file, "ward1", LOGIN_PASSWORD)
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-browser-auth"), auth_file=str(login_file))
+    yield url
+    demo.close()
+    if previous is None:
+        os.environ.pop("GRADIO_TEMP_DIR", None)
+    else:
+        os.environ["GRADIO_TEMP_DIR"] = previous
+
+
+def test_browser_login_refuses_a_wrong_password_and_admits_the_right_one(protected_url):
+    if not os.path.exists(CHROMIUM):
+        pytest.fail(f"Chromium not found at {CHROMIUM}; install it with `apt-get install -y chromium` "
+                    "(make test does this)")
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True, args=CHROMIUM_FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.goto(protected_url, wait_until="domcontentloaded", timeout=30_000)
+            # The login form, with the operator's message; nothing of the app is delivered before a login.
+            login = page.get_by_role("button", name="Login")
+            expect(login).to_be_visible(timeout=30_000)
+            expect(page.get_by_text("sign in with the account your administrator gave you")).to_be_visible()
+            expect(page.locator("#upload")).to_have_count(0)
+
+            page.locator("input[type=text]").fill("ward1")
+            page.locator("input[type=password]").fill("wrong password!")
+            login.click()
+            expect(page.get_by_text("Incorrect Credentials")).to_be_visible(timeout=10_000)
+            expect(login).to_be_visible()
+            expect(page.locator("#upload")).to_have_count(0)
+
+            page.locator("input[type=text]").fill("ward1")  # the form is emptied after a refusal
+            page.locator("input[type=password]").fill(LOGIN_PASSWORD)
+            login.click()
+            expect(page.locator("#upload")).to_be_visible(timeout=30_000)
+            expect(page.locator("#referral")).to_be_attached()
+            expect(page.locator("#intended-use")).to_contain_text("Not a diagnostic device")
+            expect(page.get_by_role("button", name="Login")).to_have_count(0)
         finally:
             browser.close()

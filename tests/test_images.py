@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import struct
 import zlib
 
@@ -24,3 +25,10 @@ def _png_header(width: int, height: int) -> bytes:
 def test_huge_images_are_refused_with_the_limit(width, height, shown):
     with pytest.raises(ImageError, match=rf"image 'scan.png' has {shown}.*; at most 50 MP is accepted"):
         load_image(_png_header(width, height), ImageLimits(), name="scan.png")
+
+
+@pytest.mark.parametrize(("data", "shown"), [(b"plain text, not a picture", "'notes.jpg' is not a readable image"),
+                                             (b"", "image 'notes.jpg' is empty (0 bytes)")])
+def test_unreadable_files_are_told_every_accepted_format(data, shown):
+    with pytest.raises(ImageError, match=re.escape(shown) + ".*; expected a JPEG, PNG, TIFF, BMP, WebP or DICOM file"):
+        load_image(data, name="notes.jpg")
