@@ -75,6 +75,17 @@ def scope_warnings(width: int, height: int, input_size: int) -> list[str]:
     return warnings
 
 
+def ood_warnings(score: float | None, ood: dict[str, Any] | None) -> list[str]:
+    """A warning (not a refusal) when an image's out-of-distribution score is above the card's `ood` threshold."""
+    if score is None or not ood or not score > float(ood["threshold"]):
+        return []
+    share = 100 - float(ood.get("percentile", 99.0))
+    return [f"This image looks unlike the dermoscopy images the model was trained on (its out-of-distribution score "
+            f"{score:.1f} is above {float(ood['threshold']):.1f}, a level only about {share:g} % of the validation "
+            "images exceed; clinical photographs, microscopy slides, screenshots and small or heavily compressed "
+            "images score high); the result may be unreliable."]
+
+
 def warnings_html(warnings: list[str]) -> str:
     """The warnings as a yellow notice above the result ("" when there are none)."""
     if not warnings:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -15,9 +16,12 @@ from torch import nn
 
 from models.registry import build_model
 
+log = logging.getLogger(__name__)
+
 CARD_FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
+OOD_FILE = "ood.safetensors"  # the out-of-distribution score's arrays, when the card has an `ood` block
 REQUIRED_CARD_KEYS = ("architecture", "class_names", "input_size", "normalization")
 
 
@@ -75,14 +79,27 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def save_bundle(path: str | Path, model: nn.Module, card: dict[str, Any]) -> Path:
-    """Write `model`'s weights and `card` into directory `path` (each file replaced atomically)."""
+def save_bundle(
+    path: str | Path, model: nn.Module, card: dict[str, Any], ood: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """Write `model`'s weights and `card` into directory `path` (each file replaced atomically).
+
+    `ood` holds the arrays of the card's `ood` block (out-of-distribution score). Without them the block is dropped:
+    it was fitted on another network's features (a stage that copied the card of the bundle it changed).
+    """
     missing = [key for key in REQUIRED_CARD_KEYS if key not in card]
     if missing:
         raise ValueError(f"model card lacks {missing}; a bundle needs {list(REQUIRED_CARD_KEYS)}")
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     card = {"format_version": CARD_FORMAT_VERSION, "versions": library_versions(), **card}
+    if ood is None and card.pop("ood", None) is not None:
+        log.info("bundle %s: the card's ood block is not carried over (its arrays were not given)", path)
+    elif ood is not None and "ood" not in card:
+        raise ValueError("out-of-distribution arrays were given but the card has no `ood` block describing them")
+    elif ood:
+        card["ood"] = {**card["ood"], "tensors": OOD_FILE}
+    _write_ood_tensors(path, ood)
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.")
     os.close(fd)
@@ -90,6 +107,46 @@ def save_bundle(path: str | Path, model: nn.Module, card: dict[str, Any]) -> Pat
     os.replace(tmp, path / WEIGHTS_FILE)
     _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
     return path
+
+
+def _write_ood_tensors(path: Path, tensors: dict[str, torch.Tensor] | None) -> None:
+    """Write (or, for none, remove) the bundle's out-of-distribution arrays file atomically."""
+    target = path / OOD_FILE
+    if not tensors:
+        if target.exists():
+            target.unlink()
+        return
+    fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{OOD_FILE}.")
+    os.close(fd)
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, tmp, metadata={"format": "pt"})
+    os.replace(tmp, target)
+
+
+def write_ood(path: str | Path, block: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+    """Add (or replace) the out-of-distribution score of an existing single-network bundle: its arrays file and the
+    card's `ood` block; every other card entry stays as it is."""
+    path = Path(path)
+    card = read_card(path)
+    if ENSEMBLE in card:
+        raise ValueError(f"'{path}' is an ensemble bundle; add the out-of-distribution score to its first member")
+    card["ood"] = {**block, "tensors": OOD_FILE} if tensors else dict(block)
+    _write_ood_tensors(path, tensors)
+    _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
+    return path
+
+
+def load_ood(path: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The arrays of a card's `ood` block ({} when it has none or needs none); a missing file is an error."""
+    block = card.get("ood")
+    if not block or not block.get("tensors"):
+        return {}
+    name = block["tensors"]
+    if Path(name).name != name:
+        raise ValueError(f"bundle '{path}' names out-of-distribution arrays '{name}' outside its own folder")
+    if not (path / name).is_file():
+        raise FileNotFoundError(f"bundle '{path}' has an `ood` block in its card but no {name}; copy the file with "
+                                "the bundle or remove the block")
+    return load_file(path / name, device="cpu")
 
 
 def read_card(path: str | Path) -> dict[str, Any]:
@@ -184,4 +241,5 @@ def load_bundle(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model = build_from_card(card)
     model.load_state_dict(load_file(weights, device="cpu"), strict=True)
     model.to(device).eval()
-    return Bundle(model=model, card=card, path=path)
+    ood = load_ood(path, card)
+    return Bundle(model=model, card=card, path=path, extras={"ood": ood} if ood else {})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +16,7 @@ from PIL import Image
 from models.bundle import Bundle, load_bundle
 from pipelines.calibration import calibrated_probs
 from pipelines.images import IMAGE_SUFFIXES, ImageError, ImageLimits, load_image
+from pipelines.ood import detector_of, first_view_features, head_inputs
 from pipelines.transforms import card_transform, dihedral_views
 
 log = logging.getLogger(__name__)
@@ -93,6 +95,7 @@ class Predictor:
 
     `tta` overrides the number of test-time-augmentation views the bundle was validated with (its card's
     `inference.tta`); calibration and the operating threshold were fitted with the card's own setting.
+    A bundle with an `ood` block also gives an out-of-distribution score per image (`predict_with_ood`).
     """
 
     def __init__(
@@ -109,29 +112,47 @@ class Predictor:
         self._lock = threading.Lock()  # one forward at a time per model: safe under Gradio's thread pool
         present = [c for c in bundle.malignant_classes if c in self.class_names]
         self.malignant_index = [self.class_names.index(c) for c in present]
+        self.ood = detector_of(bundle)  # None when the card has no `ood` block
 
     @classmethod
     def from_path(cls, path: str | Path, device: str = "cpu", tta: int | None = None) -> "Predictor":
         """Load the bundle at `path` and wrap it."""
         return cls(load_bundle(path, device=device), tta=tta)
 
-    @torch.inference_mode()
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, C) calibrated class probabilities for RGB images."""
+        return self._predict(images, with_ood=False)[0]
+
+    def predict_with_ood(self, images: Sequence[Image.Image]) -> tuple[np.ndarray, np.ndarray | None]:
+        """((N, C) calibrated probabilities, (N,) out-of-distribution scores, or None when the bundle has no `ood`
+        block). One forward gives both: the score reads the first member's first view (the un-augmented crop)."""
+        return self._predict(images, with_ood=self.ood is not None)
+
+    def ood_flags(self, scores: np.ndarray | None) -> np.ndarray | None:
+        """(N,) True where a score is above the card's threshold; None when there are no scores."""
+        return None if scores is None or self.ood is None else self.ood.flags(scores)
+
+    @torch.inference_mode()
+    def _predict(self, images: Sequence[Image.Image], with_ood: bool) -> tuple[np.ndarray, np.ndarray | None]:
         if not images:
-            return np.zeros((0, len(self.class_names)), dtype=np.float32)
-        outputs = []
+            return np.zeros((0, len(self.class_names)), dtype=np.float32), np.zeros(0) if with_ood else None
+        outputs, scores = [], []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             probs = []
-            for member in self.members:
+            for index, member in enumerate(self.members):
                 batch = torch.stack([member.transform(im) for im in chunk]).to(member.device)
                 batch = batch.contiguous(memory_format=member.layout)
-                with self._lock:
+                score_here = with_ood and index == 0
+                capture = head_inputs(member.model) if score_here and self.ood.block["method"] != "energy" else None
+                with self._lock, capture or nullcontext() as captured:
                     logits = view_logits(member.model, batch, member.tta)
+                if score_here:
+                    features = first_view_features(captured, len(chunk)) if captured is not None else None
+                    scores.append(self.ood.score(features, logits[:, 0].cpu().numpy()))
                 probs.append(calibrated_probs(logits.cpu().numpy(), member.calibration))
             outputs.append(np.mean(probs, axis=0).astype(np.float32))
-        return np.concatenate(outputs)
+        return np.concatenate(outputs), np.concatenate(scores) if with_ood else None
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:
         """P(malignant) per row (sum over the bundle's malignant classes); NaN when it names none."""

@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from pipelines.config import RunConfig, TrainSettings
+from pipelines.ood import OODDetector
 
 log = logging.getLogger(__name__)
 
@@ -408,6 +409,24 @@ def predict_dataset(model: nn.Module, dataset, batch_size: int = 64) -> tuple[np
     return predict_probs(model, DataLoader(dataset, batch_size=batch_size, shuffle=False))
 
 
+def fit_training_ood(model: nn.Module, train_df: pd.DataFrame, val_ds, class_names: list[str], transform,
+                     seed: int = 0) -> OODDetector | None:
+    """The bundle's out-of-distribution score: Mahalanobis on the head's input features of a stratified subsample of
+    at most `MAX_TRAIN_IMAGES` real training images (evaluation crop), threshold on the validation split; None for a
+    network without a linear head."""
+    from pipelines.data import ImageDataset
+    from pipelines.ood import MAX_TRAIN_IMAGES, feature_layer, fit_model_ood, stratified_subsample
+
+    if feature_layer(model) is None:
+        log.info("no out-of-distribution score: %s has no linear head", type(model).__name__)
+        return None
+    real = train_df[train_df.source == "real"]
+    rows = real.iloc[stratified_subsample(real.label.to_numpy(), MAX_TRAIN_IMAGES, seed)]
+    fitted_on = (f"{len(rows)} real training images (stratified subsample of at most {MAX_TRAIN_IMAGES}) for the "
+                 f"class means and covariance; the validation split ({len(val_ds)} images) for the threshold")
+    return fit_model_ood(model, ImageDataset(rows, class_names, transform), val_ds, fitted_on=fitted_on)
+
+
 def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
     """Train the configured image classifier on a run's manifest; calibrate it; write the bundle and the report."""
     from models.bundle import save_bundle
@@ -501,6 +520,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     test_ds = ImageDataset(test_df, class_names, evaluate, cache_dir=cache_dir) if len(test_df) else None
     scores = calibrate_and_score(model, val_ds, test_ds, class_names, malignant, settings.tta, settings.calibration,
                                  settings.target_sensitivity, logits_out=report_dir / "logits.npz")
+    ood = fit_training_ood(model, train_df, val_ds, class_names, evaluate, settings.seed)
     source_counts = {
         name: {src: int(((train_df.label == name) & (train_df.source == src)).sum()) for src in ("real", "synthetic")}
         for name in class_names
@@ -562,6 +582,8 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
                                     report_dir / "reliability_calibration.png", "validation split")
         write_report(scores.val_metrics, report_dir, f"{model_cfg.name} on the validation split", extra)
     card["metrics"]["train_images_per_s"] = result.train_images_per_s
-    bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card)
+    if ood is not None:
+        card["ood"] = ood.block
+    bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card, ood=ood.torch_tensors() if ood else None)
     log.info("bundle written to %s, report to %s", bundle_dir, report_dir / "report.md")
     return bundle_dir
