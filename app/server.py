@@ -78,6 +78,9 @@ class ServeSettings:
     session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
     tta: int | None = None  # test-time-augmentation views; None: what each bundle was validated with
     auth_file: str | None = None  # login file (app.auth); None: no login
+    audit_log: str | None = None  # JSON-lines audit file (app.ops), one line per analysis; None: no audit log
+    metrics_token_file: str | None = None  # bearer token for GET /metrics; needed for /metrics when logins are on
+    header_timeout_s: float | None = 15.0  # close connections whose request headers are not complete by then
 
     def limits(self, min_side: int = 32) -> ImageLimits:
         """The image limits these settings describe."""
@@ -302,9 +305,11 @@ class LesionService:
         """Probabilities, malignancy vs threshold, explanation heat-map and ABCD readout for one RGB image."""
         from app.explain import explanation_markdown
         from app.readout import abcd_readout, outline_image
+        from app.wording import ood_warnings
 
         start = time.perf_counter()
-        probs = model.predictor.predict([image])[0]
+        probs, ood_scores = model.predictor.predict_with_ood([image])
+        probs = probs[0]
         p_malignant = float(model.predictor.malignant_probability(probs[None])[0])
         predicted = int(probs.argmax())
         explanation = model.explainer.explain(image, predicted)
@@ -316,6 +321,11 @@ class LesionService:
         explained = model.predictor.class_names[predicted]
         decision = referral_decision(p_value, card)
         warnings = scope_warnings(*image.size, model.bundle.input_size)
+        ood = None
+        if ood_scores is not None:
+            score, ood_threshold = float(ood_scores[0]), model.predictor.ood.threshold
+            ood = {"score": score, "threshold": ood_threshold, "flagged": bool(score > ood_threshold)}
+            warnings += ood_warnings(score, model.predictor.ood.block)
         details = {
             "model": model.name,
             "model_version": card.get("model_version"),
@@ -330,6 +340,7 @@ class LesionService:
             "explanation": {"method": explanation.method, "class": explained},
             "abcd": readout,
             "warnings": warnings,
+            "ood": ood,  # None for a bundle without an out-of-distribution score
         }
         log.info("analysed one image with '%s' in %.0f ms", model.name, 1000 * (time.perf_counter() - start))
         return {
@@ -363,19 +374,22 @@ class LesionService:
                 ids.append(Path(path).stem)
             except ImageError as err:
                 skipped.append(str(err))
-        table = model.predictor.table(ids, model.predictor.predict(images))
+        probs, ood_scores = model.predictor.predict_with_ood(images)
+        table = model.predictor.table(ids, probs)
         folder = Path(tempfile.mkdtemp(prefix="batch-", dir=self.output_dir))
         csv = folder / "lesionlab_predictions.csv"
         table.to_csv(csv, index=False, float_format="%.6f")
         self.janitor.delete_later(csv, self.settings.output_max_age_s)
         log.info("batch of %d files with '%s': %d predicted, %d skipped", len(paths), model.name, len(table),
                  len(skipped))
-        return batch_display(table, model.predictor.class_names, model.card), csv, skipped
+        shown = batch_display(table, model.predictor.class_names, model.card, model.predictor.ood_flags(ood_scores))
+        return shown, csv, skipped
 
 
-def batch_display(table: Any, class_names: Sequence[str], card: dict[str, Any]) -> Any:
+def batch_display(table: Any, class_names: Sequence[str], card: dict[str, Any], ood_flags: Any = None) -> Any:
     """The prediction table as the screen shows it: the referral first, percentages (one decimal, so the columns
-    sort as numbers), full diagnosis names."""
+    sort as numbers), full diagnosis names; with `ood_flags`, an `ood_flag` column (True: unlike the training
+    images)."""
     import pandas as pd
 
     shown = pd.DataFrame({"image": table["image_id"]})
@@ -385,6 +399,8 @@ def batch_display(table: Any, class_names: Sequence[str], card: dict[str, Any]) 
     shown["most likely"] = [class_name(c) for c in table["pred_label"]]
     shown["its probability"] = [probability_text(float(table.loc[i, f"prob_{c}"]))
                                 for i, c in zip(table.index, table["pred_label"], strict=True)]
+    if ood_flags is not None:
+        shown["ood_flag"] = [bool(flag) for flag in ood_flags]
     for c in class_names:
         shown[f"{class_name(c)} %"] = (100 * table[f"prob_{c}"].astype(float)).round(1)
     return shown
@@ -422,6 +438,10 @@ def build_app(
     from gradio.utils import get_upload_folder
 
     service = LesionService(models, settings, FileJanitor(get_upload_folder(), settings.upload_grace_s), mil_bundles)
+    from app.ops import Ops, referral_counts, with_request
+
+    served = {name: bundle.card.get("model_version") for name, bundle in mil_bundles.items()}
+    ops = Ops({**served, **{name: m.card.get("model_version") for name, m in models.items()}}, settings.audit_log)
     names = list(models)
     default = "default_bundle" if "default_bundle" in models else (names[0] if names else None)
 
@@ -442,61 +462,86 @@ def build_app(
 
         return readout_markdown(readout)
 
-    def classify(image_file: Any, model_name: str | None) -> tuple:
+    @with_request
+    def classify(image_file: Any, model_name: str | None, request: Any = None) -> tuple:
         """Classify one uploaded image: probabilities, malignancy vs threshold, heat-map, ABCD readout, details."""
         path = _file_path(image_file)
         if not path:
-            raise gr.Error("no image was received; upload a JPEG, PNG, TIFF, BMP or WebP file", print_exception=False)
-        held = service.janitor.hold([path])
-        try:
-            model = service.model(model_name)
-            image = service.decode(path, model)
-            result = service.analyse(image, model)
-        except (ImageError, ValueError) as err:
-            raise _fail(err) from None
-        finally:
-            service.janitor.release(held)
-        return (*_single_outputs(result), image)
+            raise gr.Error("no image was received; upload a JPEG, PNG, TIFF, BMP, WebP or DICOM file",
+                           print_exception=False)
+        with ops.observe(API_SINGLE, model_name, request) as call:
+            held = service.janitor.hold([path])
+            try:
+                model = service.model(model_name)
+                call.model = model.name
+                image = service.decode(path, model)
+                result = service.analyse(image, model)
+            except (ImageError, ValueError) as err:
+                call.fail(err)
+                raise _fail(err) from None
+            finally:
+                service.janitor.release(held)
+            call.referral = result["details"]["referral"]
+            return (*_single_outputs(result), image)
 
-    def reanalyse(image: Image.Image | None, model_name: str | None) -> tuple:
+    @with_request
+    def reanalyse(image: Image.Image | None, model_name: str | None, request: Any = None) -> tuple:
         """Re-run the last uploaded image (kept in this session's memory) with another model."""
         if image is None:
             return ("", "", None, "", None, "", None)
-        try:
-            return _single_outputs(service.analyse(image, service.model(model_name)))
-        except ValueError as err:
-            raise _fail(err) from None
+        with ops.observe("reanalyse", model_name, request) as call:
+            try:
+                model = service.model(model_name)
+                call.model = model.name
+                result = service.analyse(image, model)
+            except ValueError as err:
+                call.fail(err)
+                raise _fail(err) from None
+            call.referral = result["details"]["referral"]
+            return _single_outputs(result)
 
-    def classify_batch(files: list[Any] | None, model_name: str | None) -> tuple:
+    @with_request
+    def classify_batch(files: list[Any] | None, model_name: str | None, request: Any = None) -> tuple:
         """Classify several images: the `lesionlab predict` table, its CSV and the files that were skipped."""
         paths = [p for p in (_file_path(f) for f in (files or [])) if p]
         if not paths:
             raise gr.Error("no files were received; select one or more images", print_exception=False)
-        held = service.janitor.hold(paths)
-        try:
-            table, csv, skipped = service.batch(paths, service.model(model_name))
-        except (ImageError, ValueError) as err:
-            raise _fail(err) from None
-        finally:
-            # Kept while the page may press "Classify all" again (e.g. with another model), then deleted.
-            service.janitor.release(held, grace_s=settings.output_max_age_s)
+        with ops.observe(API_BATCH, model_name, request) as call:
+            call.n_images = len(paths)
+            held = service.janitor.hold(paths)
+            try:
+                model = service.model(model_name)
+                call.model = model.name
+                table, csv, skipped = service.batch(paths, model)
+            except (ImageError, ValueError) as err:
+                call.fail(err)
+                raise _fail(err) from None
+            finally:
+                # Kept while the page may press "Classify all" again (e.g. with another model), then deleted.
+                service.janitor.release(held, grace_s=settings.output_max_age_s)
+            call.referral, call.n_skipped = referral_counts(table["referral"]), len(skipped)
         note = f"{len(table)} of {len(paths)} images classified."
         if skipped:
             note += "\n\n**Skipped:**\n" + "\n".join(f"- {message}" for message in skipped)
         return table, str(csv), note
 
-    def model_card(model_name: str | None) -> str:
+    @with_request
+    def model_card(model_name: str | None, request: Any = None) -> str:
         """The model card summary of one served model."""
-        try:
-            model = service.model(model_name)
-        except ValueError as err:
-            raise gr.Error(str(err), print_exception=False) from None
-        return card_markdown(model.name, model.card)
+        with ops.observe(API_CARD, model_name, request, audit=False) as call:
+            call.n_images = 0
+            try:
+                model = service.model(model_name)
+            except ValueError as err:
+                call.fail(err)
+                raise gr.Error(str(err), print_exception=False) from None
+            call.model = model.name
+            return card_markdown(model.name, model.card)
 
     def clear_single() -> tuple:
         return ("", "", None, "", None, "", None, None)
 
-    file_types_note = "JPEG, PNG, TIFF, BMP or WebP, at most " \
+    file_types_note = "JPEG, PNG, TIFF, BMP, WebP or single-frame DICOM, at most " \
         f"{settings.max_file_mb:g} MB and {settings.max_megapixels:g} megapixels"
     with gr.Blocks(title="lesionlab", analytics_enabled=False,
                    delete_cache=(60, max(60, settings.output_max_age_s))) as demo:
@@ -561,7 +606,8 @@ def build_app(
             if mil_bundles and importlib.util.find_spec("app.pathology") is not None:
                 from app.pathology import build_pathology_tab
 
-                build_pathology_tab(mil_bundles)
+                # the image tabs' file limits, and the app's janitor (uploads deleted after each request)
+                build_pathology_tab(mil_bundles, janitor=service.janitor, limits=settings.limits(), ops=ops)
             elif mil_bundles:
                 log.warning("MIL bundles %s found but app.pathology is not available; no pathology tab",
                             sorted(mil_bundles))
@@ -571,6 +617,7 @@ def build_app(
                     "everything left when the server stops; nothing you upload is written to the server log._")
     demo.queue(default_concurrency_limit=settings.concurrency, max_size=settings.queue_size)
     demo.lesionlab_service = service  # for tests and benchmarks: the janitor and loaded models
+    demo.lesionlab_ops = ops  # metrics and audit log; launch() serves them at /metrics
     return demo
 
 
@@ -591,12 +638,15 @@ def health(service: LesionService) -> dict[str, Any]:
 
 
 def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool = True) -> Any:
-    """Start the server (no share link, no SSR, API open to gradio_client) with GET /healthz, and return the Blocks."""
+    """Start the server (no share link, no SSR, API open to gradio_client) with GET /healthz and GET /metrics, close
+    connections whose request headers are late, and return the Blocks."""
     from fastapi.responses import JSONResponse
 
     from app.auth import LoginChecker
+    from app.ops import HeaderTimeout, add_metrics_route, read_token
 
     auth = LoginChecker(settings.auth_file) if settings.auth_file else None
+    metrics_token = read_token(settings.metrics_token_file) if settings.metrics_token_file else None
     if auth is None and host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without a login: anyone who can reach this address can use the app and its API; "
                     "set --auth-file (or LESIONLAB_AUTH_FILE) on a shared network", host)
@@ -617,6 +667,10 @@ def launch(demo: Any, host: str, port: int, settings: ServeSettings, block: bool
     service = demo.lesionlab_service
     demo.app.add_api_route("/healthz", lambda: JSONResponse(health(service), headers={"Cache-Control": "no-store"}),
                            methods=["GET"], include_in_schema=False)
+    ops = demo.lesionlab_ops
+    add_metrics_route(demo.app, ops, metrics_token, login_required=auth is not None)
+    if settings.header_timeout_s:
+        HeaderTimeout(demo.server, settings.header_timeout_s, on_close=ops.header_timeouts.inc).start()
     if block:
         demo.block_thread()
     return demo
@@ -640,17 +694,29 @@ def _exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, _stop)
 
 
-def serve_cli(args: Any) -> None:
-    """`lesionlab serve`: load the bundles once and serve the app until interrupted."""
+def settings_from_args(args: Any) -> ServeSettings:
+    """The ServeSettings that `lesionlab serve` flags describe (checked)."""
+    header_timeout = getattr(args, "header_timeout", 15.0)
     settings = ServeSettings(
         concurrency=int(getattr(args, "concurrency", 2)),
         max_file_mb=float(getattr(args, "max_file_mb", 25.0)),
         max_megapixels=float(getattr(args, "max_megapixels", 50.0)),
         tta=getattr(args, "tta", None),
         auth_file=getattr(args, "auth_file", None),
+        audit_log=getattr(args, "audit_log", None) or None,
+        metrics_token_file=getattr(args, "metrics_token_file", None) or None,
+        header_timeout_s=float(header_timeout) if header_timeout else None,
     )
     if settings.concurrency < 1:
         raise ValueError(f"--concurrency must be at least 1, got {settings.concurrency}")
+    if settings.header_timeout_s is not None and settings.header_timeout_s < 0:
+        raise ValueError(f"--header-timeout must be positive seconds (0 turns it off), got {header_timeout}")
+    return settings
+
+
+def serve_cli(args: Any) -> None:
+    """`lesionlab serve`: load the bundles once and serve the app until interrupted."""
+    settings = settings_from_args(args)
     removed = remove_leftovers()
     if removed:
         log.info("removed %d scratch folder(s) left by a server that did not stop cleanly", removed)

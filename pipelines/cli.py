@@ -191,6 +191,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth-file", default=os.environ.get("LESIONLAB_AUTH_FILE"),
                    help="login file (lines 'username:<scrypt hash>', see `lesionlab users add`; default "
                    "$LESIONLAB_AUTH_FILE): every page, upload and API call then needs a login")
+    p.add_argument("--audit-log", default=os.environ.get("LESIONLAB_AUDIT_LOG"),
+                   help="append one JSON line per analysis (time, user, model, referral, latency; never file names "
+                   "or images) to this file (default $LESIONLAB_AUDIT_LOG; none when unset)")
+    p.add_argument("--metrics-token-file", default=os.environ.get("LESIONLAB_METRICS_TOKEN_FILE"),
+                   help="file holding a bearer token that GET /metrics then requires (default "
+                   "$LESIONLAB_METRICS_TOKEN_FILE); with --auth-file and no token, /metrics is refused")
+    p.add_argument("--header-timeout", type=float, default=15.0, metavar="SECONDS",
+                   help="close a connection whose request headers are not complete this long after it opened or "
+                   "after its last response (default 15; 0 turns it off)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("users", help="manage the web app's login file")

@@ -397,12 +397,16 @@ def tiling_of(bundle) -> TilingSettings:
 
 
 @torch.inference_mode()
-def predict_bag(bundle, bag: Bag) -> BagPrediction:
-    """Run a MIL bundle on one tiled slide."""
+def predict_bag(bundle, bag: Bag, batch_size: int = 64) -> BagPrediction:
+    """Run a MIL bundle on one tiled slide; patches go through the encoder `batch_size` at a time, so memory
+    grows with the batch, not with the number of patches."""
+    from pipelines.bags import embed_patches
+
     norm = bundle.card["normalization"]
-    x = patches_to_tensor(bag.patches, bundle.input_size, norm["mean"], norm["std"])
-    device = next(bundle.model.parameters()).device
-    output = bundle.model(x.unsqueeze(0).to(device), return_all=True)
+    model = bundle.model
+    features = embed_patches(model.encoder, bag.patches, bundle.input_size, norm["mean"], norm["std"], batch_size)
+    device = next(model.parameters()).device
+    output = model(features.unsqueeze(0).to(device), return_all=True)
     probs = calibrated_probs(output.logits.float().cpu().numpy(), bundle.card.get("calibration"))[0]
     return BagPrediction(bag.slide_id, probs, output.attention[0].float().cpu().numpy(), bag)
 

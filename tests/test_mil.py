@@ -299,14 +299,15 @@ def test_pathology_tab_answers_through_gradio_client(mil_bundle, tmp_path, monke
     _, url, _ = demo.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     try:
         client = Client(url, verbose=False)
-        label, heatmap, gallery, note = client.predict(
+        referral, label, heatmap, gallery, note, details = client.predict(
             [handle_file(str(SLIDES[0]))], "scmil", api_name="/predict_slide"
         )
         confidences = {c["label"]: c["confidence"] for c in label["confidences"]}
         direct = predict_direct(mil_bundle, SLIDES[0])
         assert confidences["malignant"] == pytest.approx(direct, abs=1e-4)
+        assert details["p_malignant"] == pytest.approx(direct, abs=1e-6)
         assert Image.open(heatmap).size == Image.open(SLIDES[0]).size
-        assert len(gallery) == 6 and "tissue patches" in note
+        assert len(gallery) == 6 and "tissue patches" in note and 'class="ll-badge"' in referral
         uploads = [p for p in Path(tmp_path).rglob(SLIDES[0].name)]
         deadline = time.monotonic() + 10
         while uploads and any(p.exists() for p in uploads) and time.monotonic() < deadline:
@@ -328,6 +329,7 @@ def predict_direct(bundle_dir: Path, slide: Path) -> float:
 
 
 def test_pyramidal_tiff_is_tiled_at_the_requested_level(tmp_path):
+    """A SubIFD pyramid (as OME-TIFF writes it): OpenSlide sees one level, so tiffslide reads it."""
     pytest.importorskip("tiffslide")
     tifffile = pytest.importorskip("tifffile")
     from pipelines.bags import is_whole_slide
@@ -339,6 +341,7 @@ def test_pyramidal_tiff_is_tiled_at_the_requested_level(tmp_path):
         tif.write(rgb[::2, ::2], tile=(256, 256), photometric="rgb", subfiletype=1)
     assert is_whole_slide(path) and not is_whole_slide(SLIDES[0])
     bag = load_bag(path, TilingSettings(patch_size=128, level=1, min_tissue=0.25))
+    assert bag.extra["reader"] == "tiffslide"
     flat = tile_image(Image.fromarray(np.ascontiguousarray(rgb[::2, ::2])), TilingSettings(min_tissue=0.25))
     assert bag.level == 1 and bag.thumbnail_scale <= 1.0
     assert abs(len(bag) - len(flat)) <= 2  # the mask comes from a thumbnail: borderline patches may differ
