@@ -32,7 +32,7 @@ from pipelines.calibration import calibrated_probs, fit_calibration
 from pipelines.data import ImageDataset
 from pipelines.evaluation import compute_metrics, paired_bootstrap_delta, referral_threshold
 from pipelines.manifest import manifest_sha256, read_manifest
-from pipelines.prediction import Predictor, dataset_logits
+from pipelines.prediction import Predictor, combine_members, dataset_logits
 from pipelines.transforms import card_transform
 
 log = logging.getLogger("classifier_ablation")
@@ -55,9 +55,10 @@ class Arm:
 
     def probs(self, split: str, priors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(calibrated, uncalibrated) probabilities on a split."""
-        if self.members:
+        if self.members:  # as `lesionlab ensemble` ships it: the members' calibrated mean, then one temperature
             pairs = [m.probs(split, priors) for m in self.members]
-            return np.mean([p[0] for p in pairs], axis=0), np.mean([p[1] for p in pairs], axis=0)
+            return (combine_members([p[0] for p in pairs], self.calibration),
+                    np.mean([p[1] for p in pairs], axis=0))
         logits = (self.val_logits if split == "val" else self.test_logits)[:, : self.views]
         logits = logits - self.prior_tau * np.log(priors)
         return calibrated_probs(logits, self.calibration), calibrated_probs(logits, None)
@@ -66,6 +67,9 @@ class Arm:
         """Fit the temperature on validation (members fit their own)."""
         for member in self.members:
             member.fit(val_labels)
+        if self.members and self.calibrate:
+            mean = np.mean([m.probs("val", self.priors)[0] for m in self.members], axis=0)
+            self.calibration = fit_calibration(np.log(np.clip(mean, 1e-12, None)), val_labels)
         if not self.members and self.calibrate:
             self.calibration = fit_calibration(self.val_logits[:, : self.views] - self.prior_tau * np.log(self.priors),
                                                val_labels)

@@ -208,7 +208,8 @@ def save_ensemble(path: str | Path, members: list[tuple[nn.Module, dict[str, Any
         "task": "image",
         **{key: first[key] for key in ("data_license", "intended_use") if key in first},
         **card,
-        "ensemble": {"members": folders, "combine": "mean of the members' calibrated probabilities"},
+        "ensemble": {"members": folders, "combine": "mean of the members' calibrated probabilities"
+                     + (", then the card's calibration on its log" if card.get("calibration") else "")},
     }
     missing = [key for key in REQUIRED_CARD_KEYS if key not in whole]
     if missing:

@@ -21,14 +21,17 @@ def build_ensemble(
     """Combine trained bundles into one ensemble bundle at `out_dir` and score it.
 
     Each member keeps its own preprocessing, calibration and test-time augmentation; the ensemble's probabilities
-    are the mean of the members' calibrated probabilities. The referral threshold is chosen on the ensemble's
-    validation probabilities (the manifest's real `val` rows), and the card records validation and test metrics.
+    are the mean of the members' calibrated probabilities, re-calibrated by one temperature fitted on the
+    validation rows (a mean of calibrated members is under-confident). The referral threshold is chosen on the
+    ensemble's calibrated validation probabilities (the manifest's real `val` rows), and the card records
+    validation and test metrics.
     Every member must know the same classes and have been trained on this manifest (its hash is checked).
     """
     from models.bundle import Bundle, load_bundle, save_ensemble
+    from pipelines.calibration import fit_calibration
     from pipelines.evaluation import card_metrics, compute_metrics, referral_threshold
     from pipelines.manifest import manifest_sha256, read_manifest
-    from pipelines.prediction import Predictor
+    from pipelines.prediction import Predictor, combine_members
 
     if len(member_dirs) < 2:
         raise ValueError(f"an ensemble needs at least 2 member bundles, got {len(member_dirs)}")
@@ -55,7 +58,9 @@ def build_ensemble(
 
     card: dict[str, Any] = {"manifest_sha256": digest, "members_source": [str(Path(d)) for d in member_dirs]}
     # Scored in memory, exactly as the saved ensemble predicts (the Predictor averages the members' outputs).
-    predictor = Predictor(Bundle(model=members[0].model, card=members[0].card, members=members))
+    # The in-memory ensemble has no calibration of its own yet: the mean of the members' calibrated outputs.
+    uncombined = {k: v for k, v in members[0].card.items() if k != "calibration"}
+    predictor = Predictor(Bundle(model=members[0].model, card=uncombined, members=members))
     scores: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     for split in ("val", "test"):
         rows = manifest[(manifest.split == split) & (manifest.source == "real")]
@@ -68,6 +73,12 @@ def build_ensemble(
         scores[split] = (labels, table[[f"prob_{c}" for c in class_names]].to_numpy())
     if "val" not in scores:
         raise ValueError(f"manifest '{manifest_path}' has no real 'val' rows to choose the threshold on")
+    val_labels, val_mean = scores["val"]
+    calibration = fit_calibration(np.log(np.clip(val_mean, 1e-12, None)), val_labels, "temperature",
+                                  f"validation split ({len(val_labels)} images), on the mean of the members' "
+                                  "calibrated probabilities")
+    scores = {split: (labels, combine_members([probs], calibration)) for split, (labels, probs) in scores.items()}
+    card["calibration"] = calibration
     threshold = referral_threshold(*scores["val"], class_names, malignant, target_sensitivity)
     op = threshold["threshold"] if threshold else None
     names = {"val": "validation", "test": "test"}

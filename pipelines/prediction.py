@@ -75,6 +75,15 @@ def dataset_logits(
     return np.concatenate(logits), np.concatenate(labels)
 
 
+def combine_members(member_probs: Sequence[np.ndarray], calibration: dict | None = None) -> np.ndarray:
+    """An ensemble's probabilities: the mean of its members' calibrated probabilities, then, when the ensemble has a
+    calibration of its own, that map applied to the log of the mean."""
+    mean = np.mean(member_probs, axis=0)
+    if not calibration:
+        return mean
+    return calibrated_probs(np.log(np.clip(mean, 1e-12, None)), calibration)
+
+
 class _Member:
     """One network of a bundle with its own preprocessing, calibration and test-time augmentation."""
 
@@ -113,6 +122,9 @@ class Predictor:
         present = [c for c in bundle.malignant_classes if c in self.class_names]
         self.malignant_index = [self.class_names.index(c) for c in present]
         self.ood = detector_of(bundle)  # None when the card has no `ood` block
+        # An ensemble's own calibration: one temperature on the log of its members' mean probability (see
+        # pipelines.ensemble); a single network's `calibration` block is its member's and is applied above.
+        self.combined_calibration = bundle.card.get("calibration") if bundle.members else None
 
     @classmethod
     def from_path(cls, path: str | Path, device: str = "cpu", tta: int | None = None) -> "Predictor":
@@ -151,7 +163,7 @@ class Predictor:
                     features = first_view_features(captured, len(chunk)) if captured is not None else None
                     scores.append(self.ood.score(features, logits[:, 0].cpu().numpy()))
                 probs.append(calibrated_probs(logits.cpu().numpy(), member.calibration))
-            outputs.append(np.mean(probs, axis=0).astype(np.float32))
+            outputs.append(combine_members(probs, self.combined_calibration).astype(np.float32))
         return np.concatenate(outputs), np.concatenate(scores) if with_ood else None
 
     def malignant_probability(self, probs: np.ndarray) -> np.ndarray:

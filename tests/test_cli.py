@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from pipelines.calibration import calibrated_probs
 from pipelines.cli import main
 from pipelines.prediction import Predictor
 from tests.conftest import HAM_SAMPLE, REPO
@@ -161,7 +162,15 @@ def test_ensemble_command_writes_a_scored_ensemble_bundle(tiny_bundle, small_man
     got, _ = Predictor.from_path(out).predict_files(files)
     one, _ = Predictor.from_path(tiny_bundle).predict_files(files)
     two, _ = Predictor.from_path(second).predict_files(files)
-    assert np.allclose(got.prob_mel, (one.prob_mel + two.prob_mel) / 2, atol=1e-6)
+    # The mean of the calibrated members, then the ensemble's own temperature (fitted on validation) on its log.
+    calibration = made["calibration"]
+    assert calibration["method"] == "temperature" and "mean of the members" in calibration["fitted_on"]
+    assert calibration["nll_after"] <= calibration["nll_before"] + 1e-9
+    columns = [f"prob_{c}" for c in made["class_names"]]
+    mean = (one[columns].to_numpy() + two[columns].to_numpy()) / 2
+    expected = calibrated_probs(np.log(mean), calibration)
+    assert np.allclose(got[columns].to_numpy(), expected, atol=1e-5)
+    assert not np.allclose(got[columns].to_numpy(), mean, atol=1e-3)  # the temperature did change something
     assert main(["ensemble", "--members", str(tiny_bundle), "--data", str(small_manifest), "--out",
                  str(tmp_path / "x")]) == 2
     assert "at least 2 member bundles" in capsys.readouterr().err
