@@ -36,6 +36,7 @@ from pipelines.prediction import Predictor, combine_members, dataset_logits
 from pipelines.transforms import card_transform
 
 log = logging.getLogger("classifier_ablation")
+ENSEMBLE_RULE = "both TTA, calibrated, one temperature on the mean"  # as `lesionlab ensemble` ships it
 
 
 @dataclass
@@ -177,7 +178,7 @@ def main() -> None:
         arms.append(Arm("+ feature-space SMOTE head (on the TTA recipe)", smote["val_logits"], smote["test_logits"],
                         views=8, train_minutes=train_minutes + smote_minutes))
     old_tta = Arm("previous bundle with TTA", base_val, base_test, views=8)
-    arms.append(Arm("ensemble: shipped recipe + previous bundle (both TTA, calibrated)", ema_v, ema_t,
+    arms.append(Arm(f"ensemble: shipped recipe + previous bundle ({ENSEMBLE_RULE})", ema_v, ema_t,
                     members=(Arm("new", ema_v, ema_t, views=8), old_tta),
                     train_minutes=train_minutes + baseline_minutes))
 
@@ -190,7 +191,7 @@ def main() -> None:
         seed_v, seed_t = _logits_of(args.seed_member, ImageDataset(rows["val"], class_names, member_tf),
                                     ImageDataset(rows["test"], class_names, member_tf), 8)
         member_minutes = member_card.get("training", {}).get("train_minutes", float("nan"))
-        arms.append(Arm(f"ensemble of two seeds: this run + {args.seed_member.name} (both TTA, calibrated)",
+        arms.append(Arm(f"ensemble of two seeds: this run + {args.seed_member.name} ({ENSEMBLE_RULE})",
                         ema_v, ema_t, members=(Arm("new", ema_v, ema_t, views=8), Arm("seed", seed_v, seed_t,
                                                                                     views=8)),
                         train_minutes=train_minutes + member_minutes))
