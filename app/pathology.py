@@ -8,7 +8,6 @@ tissue, which the note states). Inputs unlike the H&E training images get a visi
 
 from __future__ import annotations
 
-import html
 import logging
 import re
 import warnings
@@ -21,12 +20,12 @@ import numpy as np
 from PIL import Image
 
 from app.wording import (
-    BADGE_COLOURS,
     BELOW,
     NO_REFERRAL,
     REFER,
     compare_text,
     percent,
+    referral_badge,
     referral_decision,
     referral_markdown,
     warnings_html,
@@ -231,10 +230,7 @@ def pathology_referral_html(p_malignant: float | None, card: dict[str, Any]) -> 
     """The headline, as on the image tab: a badge with the referral decision, the malignancy probability against
     the threshold (digits enough that the two never read as equal when they differ) and what the threshold means."""
     decision = referral_decision(p_malignant, card)
-    colour, background = BADGE_COLOURS[decision]
-    badge = (f'<div class="ll-badge" data-decision="{ {REFER: "refer", BELOW: "below"}.get(decision, "none") }" '
-             f'style="background:{background};color:{colour};border:2px solid {colour};border-radius:8px;'
-             f'padding:10px 14px;font-size:1.35em;font-weight:700">{html.escape(decision)}</div>')
+    badge = referral_badge(decision)
     if decision == NO_REFERRAL:
         if p_malignant is None:
             text = "This model names no malignant class, so it gives no malignancy probability or referral."

@@ -108,14 +108,19 @@ def _malignant_names(card: dict[str, Any]) -> str:
     return ", ".join(DIAGNOSIS_NAMES.get(c, c) for c in card.get("malignant_classes") or [])
 
 
+def referral_badge(decision: str) -> str:
+    """The coloured badge of a referral decision (REFER, BELOW or NO_REFERRAL), the headline of every tab."""
+    colour, background = BADGE_COLOURS[decision]
+    return (f'<div class="ll-badge" data-decision="{ {REFER: "refer", BELOW: "below"}.get(decision, "none") }" '
+            f'style="background:{background};color:{colour};border:2px solid {colour};border-radius:8px;'
+            f'padding:10px 14px;font-size:1.35em;font-weight:700">{html.escape(decision)}</div>')
+
+
 def referral_html(p_malignant: float | None, card: dict[str, Any]) -> str:
     """The headline: a coloured badge with the referral decision, the malignancy probability and, in words, what
     the threshold means (its validated sensitivity and specificity)."""
     decision = referral_decision(p_malignant, card)
-    colour, background = BADGE_COLOURS[decision]
-    badge = (f'<div class="ll-badge" data-decision="{ {REFER: "refer", BELOW: "below"}.get(decision, "none") }" '
-             f'style="background:{background};color:{colour};border:2px solid {colour};border-radius:8px;'
-             f'padding:10px 14px;font-size:1.35em;font-weight:700">{html.escape(decision)}</div>')
+    badge = referral_badge(decision)
     if decision == NO_REFERRAL:
         if not card.get("malignant_classes") or p_malignant is None or math.isnan(p_malignant):
             text = "This model names no malignant classes, so it gives no malignancy probability or referral."
