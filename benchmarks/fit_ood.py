@@ -1,8 +1,8 @@
 """Fit a bundle's out-of-distribution score on its own HAM10000 split and measure it on the test split and on
 images that are clearly not dermoscopy.
 
-    nice -n 19 python benchmarks/fit_ood.py --data /work/shared/data/ham10000 --bundle models/default_bundle \\
-        --ucsb /work/shared/data/ucsb_breast --out benchmarks/results/ood
+    python benchmarks/fit_ood.py --data ../shared/data/ham10000 --bundle models/default_bundle \\
+        --ucsb ../shared/data/ucsb_breast --out benchmarks/results/ood
 
 The bundle's manifest is re-created with the library's ingest and grouped split (val 0.15, test 0.15, seed 0, as
 benchmarks/train_ham10000.py) and must hash to the card's `manifest_sha256`; otherwise the script refuses. The score
