@@ -323,8 +323,8 @@ class LesionService:
         warnings = scope_warnings(*image.size, model.bundle.input_size)
         ood = None
         if ood_scores is not None:
-            score, ood_threshold = float(ood_scores[0]), model.predictor.ood.threshold
-            ood = {"score": score, "threshold": ood_threshold, "flagged": bool(score > ood_threshold)}
+            score, flagged = float(ood_scores[0]), bool(model.predictor.ood_flags(ood_scores)[0])
+            ood = {"score": score, "threshold": model.predictor.ood.threshold, "flagged": flagged}
             warnings += ood_warnings(score, model.predictor.ood.block)
         details = {
             "model": model.name,
