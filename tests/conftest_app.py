@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 from pathlib import Path
 
 import pytest
@@ -83,6 +85,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def serving(models: Path, gradio_tmp: Path, **settings):
+    """`start_server` for a fixture: yields (demo, url), then closes the app and restores GRADIO_TEMP_DIR."""
+    previous = os.environ.get("GRADIO_TEMP_DIR")
+    demo, url = start_server(models, gradio_tmp, **settings)
+    try:
+        yield demo, url
+    finally:
+        demo.close()
+        if previous is None:
+            os.environ.pop("GRADIO_TEMP_DIR", None)
+        else:
+            os.environ["GRADIO_TEMP_DIR"] = previous
 
 
 def start_server(models: Path, gradio_tmp: Path, **settings):

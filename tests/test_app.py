@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_app import SAMPLE_IMAGES, free_port, make_bundle, models_dir, start_server  # noqa: F401
+from conftest_app import SAMPLE_IMAGES, free_port, make_bundle, models_dir, serving  # noqa: F401
 from PIL import Image
 
 from models.bundle import load_bundle
@@ -31,16 +31,10 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def server(models_dir, tmp_path_factory):  # noqa: F811
     """The app over the test bundles, on a free port, with small limits so that over-limit files stay small."""
-    previous = os.environ.get("GRADIO_TEMP_DIR")
     uploads = tmp_path_factory.mktemp("gradio")
-    demo, url = start_server(models_dir, uploads, max_file_mb=MAX_FILE_MB, max_megapixels=MAX_MEGAPIXELS,
-                             upload_grace_s=0.2)
-    yield demo, url, uploads
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, uploads, max_file_mb=MAX_FILE_MB, max_megapixels=MAX_MEGAPIXELS,
+                 upload_grace_s=0.2) as (demo, url):
+        yield demo, url, uploads
 
 
 @pytest.fixture(scope="module")

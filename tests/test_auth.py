@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+from conftest_app import SAMPLE_IMAGES, models_dir, serving  # noqa: F401
 
 from app.auth import AuthFileError, LoginChecker, add_user, hash_password, read_users, verify_password
 
@@ -60,14 +60,8 @@ def test_users_add_command_reads_the_password_from_stdin(tmp_path, monkeypatch, 
 def protected(models_dir, tmp_path_factory):  # noqa: F811
     login_file = tmp_path_factory.mktemp("auth") / "users"
     add_user(login_file, "ward1", PASSWORD)
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-auth"), auth_file=str(login_file))
-    yield url
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, tmp_path_factory.mktemp("gradio-auth"), auth_file=str(login_file)) as (demo, url):
+        yield url
 
 
 def test_with_a_login_file_everything_but_health_needs_a_login(protected):

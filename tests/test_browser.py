@@ -9,7 +9,7 @@ import re
 import shutil
 
 import pytest
-from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+from conftest_app import SAMPLE_IMAGES, models_dir, serving  # noqa: F401
 
 from app.explain import LEGEND_HEIGHT
 
@@ -24,14 +24,8 @@ pytestmark = pytest.mark.browser
 
 @pytest.fixture(scope="module")
 def app_url(models_dir, tmp_path_factory):  # noqa: F811
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-browser"), upload_grace_s=0.5)
-    yield url
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, tmp_path_factory.mktemp("gradio-browser"), upload_grace_s=0.5) as (demo, url):
+        yield url
 
 
 def test_browser_upload_shows_label_heatmap_and_notice(app_url, tmp_path):
@@ -110,14 +104,8 @@ def protected_url(models_dir, tmp_path_factory):  # noqa: F811
 
     login_file = tmp_path_factory.mktemp("browser-auth") / "users"
     add_user(login_file, "ward1", LOGIN_PASSWORD)
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-browser-auth"), auth_file=str(login_file))
-    yield url
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, tmp_path_factory.mktemp("gradio-browser-auth"), auth_file=str(login_file)) as (demo, url):
+        yield url
 
 
 def test_browser_login_refuses_a_wrong_password_and_admits_the_right_one(protected_url):

@@ -6,13 +6,12 @@ from __future__ import annotations
 import io
 import json
 import logging
-import os
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
-from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+from conftest_app import SAMPLE_IMAGES, models_dir, serving  # noqa: F401
 from PIL import Image
 from pydicom import uid
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -265,14 +264,8 @@ def test_predict_folder_mixing_jpeg_and_dicom(models_dir, tmp_path, caplog, caps
 def client(models_dir, tmp_path_factory):  # noqa: F811
     from gradio_client import Client
 
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-dicom"), upload_grace_s=0.2)
-    yield Client(url, verbose=False)
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, tmp_path_factory.mktemp("gradio-dicom"), upload_grace_s=0.2) as (demo, url):
+        yield Client(url, verbose=False)
 
 
 def test_app_classifies_dicom_without_showing_patient_data(client, tmp_path, caplog, capfd):

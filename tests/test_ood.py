@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -11,7 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest_app import SAMPLE_IMAGES, make_bundle, start_server
+from conftest_app import SAMPLE_IMAGES, make_bundle, serving
 from PIL import Image
 
 from models.bundle import OOD_FILE, load_bundle, save_bundle, write_ood
@@ -203,14 +202,8 @@ def test_warning_wording():
 def app_client(ood_models, tmp_path_factory):
     from gradio_client import Client
 
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(ood_models, tmp_path_factory.mktemp("gradio_ood"))
-    yield Client(url, verbose=False)
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(ood_models, tmp_path_factory.mktemp("gradio_ood")) as (demo, url):
+        yield Client(url, verbose=False)
 
 
 def classify(client, path: Path, model: str = "cnn"):

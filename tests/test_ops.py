@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import socket
 import threading
@@ -14,7 +13,7 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
-from conftest_app import SAMPLE_IMAGES, models_dir, start_server  # noqa: F401
+from conftest_app import SAMPLE_IMAGES, models_dir, serving  # noqa: F401
 from prometheus_client.parser import text_string_to_metric_families
 
 from app.auth import add_user
@@ -37,16 +36,10 @@ def served(models_dir, tmp_path_factory):  # noqa: F811
     add_user(folder / "users", "ward1", PASSWORD)
     (folder / "token").write_text(TOKEN + "\n")
     audit = folder / "logs" / "audit.jsonl"
-    previous = os.environ.get("GRADIO_TEMP_DIR")
-    demo, url = start_server(models_dir, tmp_path_factory.mktemp("gradio-ops"), max_file_mb=1.0,
-                             auth_file=str(folder / "users"), audit_log=str(audit),
-                             metrics_token_file=str(folder / "token"), header_timeout_s=HEADER_TIMEOUT_S)
-    yield url, audit, demo
-    demo.close()
-    if previous is None:
-        os.environ.pop("GRADIO_TEMP_DIR", None)
-    else:
-        os.environ["GRADIO_TEMP_DIR"] = previous
+    with serving(models_dir, tmp_path_factory.mktemp("gradio-ops"), max_file_mb=1.0,
+                 auth_file=str(folder / "users"), audit_log=str(audit),
+                 metrics_token_file=str(folder / "token"), header_timeout_s=HEADER_TIMEOUT_S) as (demo, url):
+        yield url, audit, demo
 
 
 @pytest.fixture(scope="module")
