@@ -199,42 +199,14 @@ def main() -> None:
     latency = {("base", 1): _latency_ms(args.baseline, sample, 1), ("new", 1): _latency_ms(bundle_dir, sample, 1),
                ("new", 8): _latency_ms(bundle_dir, sample, 8), ("base", 8): _latency_ms(args.baseline, sample, 8)}
 
-    for arm in arms:
-        arm.priors = priors
-        for member in arm.members:
-            member.priors = priors
-        arm.fit(val_labels)
-    reference = arms[0].probs("test", priors)[0]
-    records = []
     for i, arm in enumerate(arms):
-        val_cal, _ = arm.probs("val", priors)
-        test_cal, test_raw = arm.probs("test", priors)
-        threshold = referral_threshold(val_labels, val_cal, class_names, malignant, 0.9)
-        val_m = compute_metrics(val_labels, val_cal, class_names, malignant)
-        test_m = compute_metrics(test_labels, test_cal, class_names, malignant, threshold["threshold"])
-        raw_m = compute_metrics(test_labels, test_raw, class_names, malignant)
-        delta = paired_bootstrap_delta(test_labels, reference, test_cal, class_names, malignant,
-                                       n_boot=args.bootstrap) if i else None
         if arm.members and arm.name.startswith("ensemble of two seeds"):
-            ms = 2 * latency[("new", 8)]
+            arm.latency_ms = 2 * latency[("new", 8)]
         elif arm.members:
-            ms = latency[("new", 8)] + latency[("base", 8)]
-        elif i == 0:
-            ms = latency[("base", 1)]
+            arm.latency_ms = latency[("new", 8)] + latency[("base", 8)]
         else:
-            ms = latency[("new", arm.views)]
-        records.append({
-            "row": arm.name,
-            "val_balanced_accuracy": val_m["balanced_accuracy"], "val_malignant_auc": val_m["malignant_auc"],
-            "test_balanced_accuracy": test_m["balanced_accuracy"], "test_malignant_auc": test_m["malignant_auc"],
-            "test_recall": {c: r["recall"] for c, r in test_m["per_class"].items()},
-            "test_ece_uncalibrated": raw_m["ece"], "test_ece_calibrated": test_m["ece"],
-            "test_at_threshold": test_m.get("at_operating_threshold"),
-            "delta_vs_first_row": delta, "train_minutes": arm.train_minutes, "batch1_ms": ms,
-        })
-        log.info("%s: val BA %.3f AUC %.3f | test BA %.3f AUC %.3f mel %.2f ECE %.3f -> %.3f", arm.name,
-                 val_m["balanced_accuracy"], val_m["malignant_auc"], test_m["balanced_accuracy"],
-                 test_m["malignant_auc"], test_m["per_class"]["mel"]["recall"], raw_m["ece"], test_m["ece"])
+            arm.latency_ms = latency[("base", 1)] if i == 0 else latency[("new", arm.views)]
+    records = score_arms(arms, val_labels, test_labels, class_names, malignant, priors, args.bootstrap)
 
     args.out.mkdir(parents=True, exist_ok=True)
     record = {
@@ -251,6 +223,47 @@ def main() -> None:
         "rows": records,
     }
     (args.out / "ablation.json").write_text(json.dumps(record, indent=2, default=float))
+    text = ablation_table(records)
+    print(text)
+    (args.out / "ablation.md").write_text(text + "\n")
+
+
+def score_arms(arms: list[Arm], val_labels: np.ndarray, test_labels: np.ndarray, class_names: list[str],
+               malignant: list[str], priors: np.ndarray, n_boot: int) -> list[dict]:
+    """Fit every row on validation, score it on test, and bootstrap its change against the first row."""
+    for arm in arms:
+        arm.priors = priors
+        for member in arm.members:
+            member.priors = priors
+        arm.fit(val_labels)
+    reference = arms[0].probs("test", priors)[0]
+    records = []
+    for i, arm in enumerate(arms):
+        val_cal, _ = arm.probs("val", priors)
+        test_cal, test_raw = arm.probs("test", priors)
+        threshold = referral_threshold(val_labels, val_cal, class_names, malignant, 0.9)
+        val_m = compute_metrics(val_labels, val_cal, class_names, malignant)
+        test_m = compute_metrics(test_labels, test_cal, class_names, malignant, threshold["threshold"])
+        raw_m = compute_metrics(test_labels, test_raw, class_names, malignant)
+        delta = paired_bootstrap_delta(test_labels, reference, test_cal, class_names, malignant,
+                                       n_boot=n_boot) if i else None
+        records.append({
+            "row": arm.name,
+            "val_balanced_accuracy": val_m["balanced_accuracy"], "val_malignant_auc": val_m["malignant_auc"],
+            "test_balanced_accuracy": test_m["balanced_accuracy"], "test_malignant_auc": test_m["malignant_auc"],
+            "test_recall": {c: r["recall"] for c, r in test_m["per_class"].items()},
+            "test_ece_uncalibrated": raw_m["ece"], "test_ece_calibrated": test_m["ece"],
+            "test_at_threshold": test_m.get("at_operating_threshold"),
+            "delta_vs_first_row": delta, "train_minutes": arm.train_minutes, "batch1_ms": arm.latency_ms,
+        })
+        log.info("%s: val BA %.3f AUC %.3f | test BA %.3f AUC %.3f mel %.2f ECE %.3f -> %.3f", arm.name,
+                 val_m["balanced_accuracy"], val_m["malignant_auc"], test_m["balanced_accuracy"],
+                 test_m["malignant_auc"], test_m["per_class"]["mel"]["recall"], raw_m["ece"], test_m["ece"])
+    return records
+
+
+def ablation_table(records: list[dict]) -> str:
+    """The rows as a GitHub table: metrics, paired intervals against the first row, cost."""
     table = pd.DataFrame([{
         "row": r["row"], "val BA": r["val_balanced_accuracy"], "test BA": r["test_balanced_accuracy"],
         "test AUC": r["test_malignant_auc"], "mel recall": r["test_recall"]["mel"],
@@ -261,9 +274,7 @@ def main() -> None:
         "{delta:+.3f} [{low:+.3f}, {high:+.3f}]".format(**r["delta_vs_first_row"]["malignant_auc"]),
         "train min": r["train_minutes"], "batch-1 ms": r["batch1_ms"],
     } for r in records])
-    text = markdown_table(table)
-    print(text)
-    (args.out / "ablation.md").write_text(text + "\n")
+    return markdown_table(table)
 
 
 def markdown_table(table: pd.DataFrame) -> str:

@@ -29,6 +29,7 @@ log = logging.getLogger(__name__)
 
 Batch = Any
 EMA_FILE = "ema.safetensors"
+BEST_RAW_FILE = "best_raw.safetensors"
 ForwardFn = Callable[[nn.Module, Batch], tuple[torch.Tensor, torch.Tensor]]
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -201,7 +202,8 @@ def fit(
     """Train with AdamW + warm-up/cosine, early-stop on validation balanced accuracy, checkpoint every epoch.
 
     With `settings.ema_decay` > 0 an exponential moving average of the weights (buffers included) is kept; it is
-    what is validated, selected and returned. With `settings.time_budget_minutes` and `settings.schedule_to_budget`
+    what is validated, selected and returned; the raw weights of the selected epoch go to
+    `checkpoints/best_raw.safetensors` and those of the last epoch to `checkpoints/last_raw.safetensors`. With `settings.time_budget_minutes` and `settings.schedule_to_budget`
     the first epoch's duration fixes how many epochs fit the budget, and the cosine decays to 0 at their end.
     `on_epoch_start(epoch, total_epochs)` lets a task change per-epoch state (SC-MIL's β schedule);
     `loss_forward(model, batch, epoch)` replaces `loss_fn(forward(...))` for losses that need more than logits.
@@ -317,6 +319,8 @@ def fit(
             state.update(best_score=score, best_val_loss=val_loss, best_epoch=epoch + 1, bad_epochs=0)
             if main:
                 _save_weights(accelerator.unwrap_model(scored), ckpt_dir / "best.safetensors")
+                if ema is not None:  # the raw weights of the same epoch, so EMA can be compared at equal epochs
+                    _save_weights(accelerator.unwrap_model(model), ckpt_dir / BEST_RAW_FILE)
         else:
             state["bad_epochs"] += 1
         state["epoch"] = epoch + 1
