@@ -152,9 +152,16 @@ def test_ema_is_what_is_validated_and_shipped_and_raw_weights_are_kept(tmp_path)
     assert torch.equal(shipped["weight"], best["weight"])
     assert not torch.allclose(raw["weight"], best["weight"])  # the EMA lags the raw weights
     assert (tmp_path / "checkpoints" / "last" / "ema.safetensors").is_file()
+    # The raw weights of the selected epoch are kept too: after one epoch they are the last raw weights.
+    one = fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(),
+              settings.model_copy(update={"epochs": 1}), tmp_path / "one")
+    best_raw = load_file(tmp_path / "one" / "checkpoints" / "best_raw.safetensors")
+    assert torch.equal(best_raw["weight"], load_file(one.raw_weights)["weight"])
+    assert not torch.allclose(best_raw["weight"], one.model.state_dict()["weight"])
     off = fit(torch.nn.Linear(4, 2), loader, loader, torch.nn.CrossEntropyLoss(),
               settings.model_copy(update={"ema_decay": 0.0}), tmp_path / "off")
     assert off.raw_weights is None
+    assert not (tmp_path / "off" / "checkpoints" / "best_raw.safetensors").exists()
 
 
 def test_ema_decay_warms_up_and_matches_a_hand_computed_average():
