@@ -177,7 +177,8 @@ class Explainer:
 
     @torch.no_grad()
     def _attention(self, batch: torch.Tensor) -> np.ndarray:
-        """Attention rollout (Abnar & Zuidema 2020) adapted to a mean-pooled ViT with no class token."""
+        """Attention rollout (Abnar & Zuidema 2020): from the class token when the ViT has one, else the mean of all
+        output tokens (a mean-pooled ViT)."""
         self.model(batch)
         vit = self.model.backbone.vit
         tokens = None
@@ -191,9 +192,13 @@ class Explainer:
             att = att + torch.eye(tokens)  # the residual connection
             att = att / att.sum(-1, keepdim=True)
             rollout = att if rollout is None else att @ rollout
-        # The embedding is the mean of all output tokens, so input patch j contributes mean_i rollout[i, j].
-        relevance = rollout.mean(0).numpy()
-        side = int(round(tokens**0.5))
+        side = int(round((tokens - 1) ** 0.5))
+        if side * side == tokens - 1:  # a class token (pretrained ViT): the embedding is its output row
+            relevance = rollout[0, 1:].numpy()
+            tokens -= 1
+        else:  # no class token: the embedding is the mean of all outputs, so patch j contributes mean_i rollout[i, j]
+            relevance = rollout.mean(0).numpy()
+            side = int(round(tokens**0.5))
         if side * side != tokens:
             raise RuntimeError(f"{tokens} patch tokens do not form a square grid")
         grid = _normalise(relevance.reshape(side, side))

@@ -77,6 +77,7 @@ class ServeSettings:
     output_max_age_s: int = 900  # heat-maps and CSVs handed to the browser are deleted after this
     session_ttl_s: int = 1800  # the last uploaded image kept in memory (for switching models) per browser session
     tta: int | None = None  # test-time-augmentation views; None: what each bundle was validated with
+    engine: str = "auto"  # network runtime (pipelines.export): auto runs a bundle's exported ONNX file when it has one
     auth_file: str | None = None  # login file (app.auth); None: no login
     audit_log: str | None = None  # JSON-lines audit file (app.ops), one line per analysis; None: no audit log
     metrics_token_file: str | None = None  # bearer token for GET /metrics; needed for /metrics when logins are on
@@ -135,9 +136,10 @@ def load_models(models_dir: str | Path, settings: ServeSettings) -> tuple[dict[s
             mil[name] = bundle
             continue
         limits = settings.limits(min_side=int(card.get("min_input_side", 32)))
-        images[name] = ServedModel(name, bundle, Predictor(bundle, limits=limits, tta=settings.tta), Explainer(bundle))
-        log.info("loaded model '%s' (%s, %d px, %d classes)", name, card["architecture"]["name"],
-                 bundle.input_size, len(bundle.class_names))
+        predictor = Predictor(bundle, limits=limits, tta=settings.tta, engine=settings.engine)
+        images[name] = ServedModel(name, bundle, predictor, Explainer(bundle))
+        log.info("loaded model '%s' (%s, %d px, %d classes, %s)", name, card["architecture"]["name"],
+                 bundle.input_size, len(bundle.class_names), predictor.engine)
     return images, mil
 
 
@@ -702,6 +704,7 @@ def settings_from_args(args: Any) -> ServeSettings:
         max_file_mb=float(getattr(args, "max_file_mb", 25.0)),
         max_megapixels=float(getattr(args, "max_megapixels", 50.0)),
         tta=getattr(args, "tta", None),
+        engine=getattr(args, "engine", "auto"),
         auth_file=getattr(args, "auth_file", None),
         audit_log=getattr(args, "audit_log", None) or None,
         metrics_token_file=getattr(args, "metrics_token_file", None) or None,

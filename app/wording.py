@@ -36,6 +36,15 @@ def percent(value: Any) -> str:
     return f"{100 * float(value):.0f} %"
 
 
+def interval_words(interval: Any, as_percent: bool = True) -> str:
+    """A card's bootstrap interval {low, high} in words, e.g. ' (95 % interval 60–71 %)'; '' when there is none."""
+    if not isinstance(interval, dict) or not all(isinstance(interval.get(k), (int, float)) for k in ("low", "high")):
+        return ""
+    if as_percent:
+        return f" (95 % interval {100 * interval['low']:.0f}–{100 * interval['high']:.0f} %)"
+    return f" (95 % interval {interval['low']:.2f}–{interval['high']:.2f})"
+
+
 def probability_text(p: float) -> str:
     """A probability as the screen shows it: whole percent, capped at "> 99 %" and "< 1 %"."""
     if p > 0.99:
@@ -257,18 +266,22 @@ def card_markdown(name: str, card: dict[str, Any]) -> str:
                      f"{percent(tm.get('sensitivity'))} of malignant lesions and cleared "
                      f"{percent(tm.get('specificity'))} of benign ones")
         if at_test:
-            validated += (f"; on the test images {percent(at_test.get('sensitivity'))} and "
-                          f"{percent(at_test.get('specificity'))}")
+            ci = test.get("intervals") or {}
+            validated += (f"; on the test images {percent(at_test.get('sensitivity'))}"
+                          f"{interval_words(ci.get('sensitivity_at_threshold'))} and "
+                          f"{percent(at_test.get('specificity'))}{interval_words(ci.get('specificity_at_threshold'))}")
         lines.append(validated)
     for split in ("test", "validation"):
         block = metrics.get(split) or {}
         if isinstance(block.get("malignant_auc"), (int, float)) or isinstance(block.get("balanced_accuracy"),
                                                                                (int, float)):
-            parts = []
+            # Only the bundle's own numbers: a pruned or re-balanced model's source metrics are never shown here.
+            parts, ci = [], block.get("intervals") or {}
             if isinstance(block.get("malignant_auc"), (int, float)):
-                parts.append(f"malignant-vs-benign AUC {block['malignant_auc']:.2f}")
+                parts.append(f"malignant-vs-benign AUC {block['malignant_auc']:.2f}"
+                             f"{interval_words(ci.get('malignant_auc'), as_percent=False)}")
             if isinstance(block.get("balanced_accuracy"), (int, float)):
-                mean_recall = percent(block["balanced_accuracy"])
+                mean_recall = percent(block["balanced_accuracy"]) + interval_words(ci.get("balanced_accuracy"))
                 parts.append(f"mean sensitivity over the classes (balanced accuracy) {mean_recall}")
             lines.append(f"- **Overall ({split}, {block.get('n', '?')} images):** " + ", ".join(parts))
             break

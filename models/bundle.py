@@ -22,6 +22,7 @@ CARD_FORMAT_VERSION = 1
 WEIGHTS_FILE = "weights.safetensors"
 CARD_FILE = "card.json"
 OOD_FILE = "ood.safetensors"  # the out-of-distribution score's arrays, when the card has an `ood` block
+EXPORTED_FILES = ("model.onnx", "model.int8.onnx")  # written by `lesionlab export` (pipelines.export)
 REQUIRED_CARD_KEYS = ("architecture", "class_names", "input_size", "normalization")
 
 
@@ -66,6 +67,10 @@ def _atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _write_card(path: Path, card: dict[str, Any]) -> None:
+    _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
+
+
 def library_versions() -> dict[str, str]:
     """Versions of the libraries a bundle's numbers depend on."""
     import importlib.metadata as md
@@ -100,12 +105,18 @@ def save_bundle(
     elif ood:
         card["ood"] = {**card["ood"], "tensors": OOD_FILE}
     _write_ood_tensors(path, ood)
+    # Exported files (ONNX) belong to the weights they were exported from: new weights start without them.
+    if card.pop("export", None) is not None:
+        log.info("bundle %s: the card's export block is not carried over (re-run `lesionlab export`)", path)
+    for stale in EXPORTED_FILES:
+        if (path / stale).exists():
+            (path / stale).unlink()
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     fd, tmp = tempfile.mkstemp(dir=path, prefix=f".{WEIGHTS_FILE}.")
     os.close(fd)
     save_file(state, tmp, metadata={"format": "pt"})
     os.replace(tmp, path / WEIGHTS_FILE)
-    _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
+    _write_card(path, card)
     return path
 
 
@@ -131,8 +142,16 @@ def write_ood(path: str | Path, block: dict[str, Any], tensors: dict[str, torch.
         raise ValueError(f"'{path}' is an ensemble bundle; add the out-of-distribution score to its first member")
     card["ood"] = {**block, "tensors": OOD_FILE} if tensors else dict(block)
     _write_ood_tensors(path, tensors)
-    _atomic_write_bytes(path / CARD_FILE, json.dumps(card, indent=2, sort_keys=True, default=float).encode())
+    _write_card(path, card)
     return path
+
+
+def update_card(path: str | Path, **blocks: Any) -> dict[str, Any]:
+    """Set top-level blocks of an existing bundle's card (written atomically); every other entry stays."""
+    path = Path(path)
+    card = {**read_card(path), **blocks}
+    _write_card(path, card)
+    return card
 
 
 def load_ood(path: Path, card: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -215,7 +234,7 @@ def save_ensemble(path: str | Path, members: list[tuple[nn.Module, dict[str, Any
     if missing:
         raise ValueError(f"ensemble card lacks {missing}")
     whole = {"format_version": CARD_FORMAT_VERSION, "versions": library_versions(), **whole}
-    _atomic_write_bytes(path / CARD_FILE, json.dumps(whole, indent=2, sort_keys=True, default=float).encode())
+    _write_card(path, whole)
     stale = path / WEIGHTS_FILE  # an ensemble folder holds no weights of its own
     if stale.exists():
         stale.unlink()

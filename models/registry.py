@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from models.classifier import ImageClassifier, SmallCNN, ViTBackbone
+from models.classifier import ImageClassifier, SmallCNN
 from models.efficientnet import (
     LITE_NORMALIZATION,
     LITE_SPECS,
@@ -57,33 +57,36 @@ def _efficientnet_bn(name: str):
 def _vit(
     num_classes: int,
     img_size: int,
-    patch_size: int = 16,
-    hidden_size: int = 192,
-    mlp_dim: int = 768,
-    num_layers: int = 6,
-    num_heads: int = 3,
-    dropout: float = 0.1,
-    **_: Any,
+    dropout: float | None = None,
+    pretrained_path: str | Path | None = None,
+    **kwargs: Any,
 ) -> nn.Module:
-    from monai.networks.nets import ViT
+    """MONAI's ViT: random (6 layers, width 192, mean-pooled) or, with `pretrained_path`, the architecture and
+    backbone weights of a local ImageNet-pretrained ViT (transformers or timm layout) with a new head."""
+    from models.vit import VIT_DEFAULTS, build_vit
 
-    if img_size % patch_size:
-        raise ValueError(f"ViT input size {img_size} px is not a multiple of the patch size {patch_size} px")
-    vit = ViT(
-        in_channels=3,
-        img_size=(img_size, img_size),
-        patch_size=(patch_size, patch_size),
-        hidden_size=hidden_size,
-        mlp_dim=mlp_dim,
-        num_layers=num_layers,
-        num_heads=num_heads,
-        classification=False,
-        spatial_dims=2,
-        post_activation=None,
-        dropout_rate=dropout,
-        save_attn=True,
-    )
-    return ImageClassifier(ViTBackbone(vit), hidden_size, num_classes, dropout)
+    given = {k: v for k, v in kwargs.items() if k in VIT_DEFAULTS}
+    if pretrained_path is None:
+        dropout = 0.1 if dropout is None else dropout
+        return build_vit(num_classes, img_size, **{**VIT_DEFAULTS, **given}, dropout=dropout)
+    from models.vit_weights import load_pretrained_vit, read_pretrained_vit
+
+    weights = read_pretrained_vit(pretrained_path, given.get("num_heads"), given.get("layer_norm_eps"))
+    architecture = {**weights.architecture, "pool": "cls"}
+    conflicts = [f"{k}={v} (the weights have {architecture[k]})" for k, v in given.items() if architecture[k] != v]
+    if conflicts:
+        raise ValueError(f"model.kwargs {', '.join(conflicts)} contradict the pretrained ViT '{pretrained_path}'; "
+                         "leave them out: a pretrained ViT's architecture comes from its weights")
+    dropout = weights.dropout if dropout is None else dropout
+    model = build_vit(num_classes, img_size, **architecture, dropout=dropout)
+    load_pretrained_vit(model.backbone.vit, weights, img_size)
+    if weights.normalization and weights.normalization != HALF_NORMALIZATION:
+        log.warning("the ViT weights were trained on inputs normalised with mean %s / std %s; lesionlab feeds a ViT "
+                    "mean %s / std %s, which fine-tuning has to adapt to", weights.normalization["mean"],
+                    weights.normalization["std"], HALF_NORMALIZATION["mean"], HALF_NORMALIZATION["std"])
+    # What a bundle card must record to rebuild this network without the pretrained file.
+    model.architecture_kwargs = {**architecture, "dropout": dropout}
+    return model
 
 
 def _small_cnn(num_classes: int, img_size: int, widths: tuple[int, ...] = (32, 64, 128, 256), **_: Any) -> nn.Module:
@@ -126,7 +129,11 @@ def build_model(
     checkpoint: str | Path | None = None,
     **kwargs: Any,
 ) -> nn.Module:
-    """Build a classifier by name; `checkpoint` is a local state dict (safetensors or .pt) to initialise from."""
+    """Build a classifier by name; `checkpoint` is a local state dict (safetensors or .pt) to initialise from.
+
+    For "vit", `pretrained_path=` (a transformers ViT folder or file, or a timm ViT state dict) gives the
+    architecture and ImageNet backbone weights of that ViT; the head stays new.
+    """
     if name not in _BUILDERS:
         raise ValueError(f"unknown model '{name}'; expected one of {available_models()}")
     if num_classes < 2:
@@ -136,12 +143,27 @@ def build_model(
         module_name, function = builder.split(":")
         builder = getattr(importlib.import_module(module_name), function)
     if kwargs.get("pretrained") and name in NO_PRETRAINED_WEIGHTS and checkpoint is None:
-        log.warning("%s has no pretrained weights; it starts from a random initialisation (give a local checkpoint "
-                    "to start from your own weights)", name)
+        if name == "vit" and kwargs.get("pretrained_path") is None:
+            log.warning("vit: no pretrained weights ship with lesionlab; it starts from a random initialisation "
+                        "(set model.pretrained_path to local ImageNet ViT weights, transformers or timm layout)")
+        elif name != "vit":
+            log.warning("%s has no pretrained weights; it starts from a random initialisation (give a local "
+                        "checkpoint to start from your own weights)", name)
+    if kwargs.get("pretrained_path") is not None and name != "vit":
+        raise ValueError(f"pretrained_path loads ViT weights; model '{name}' cannot take them (use `checkpoint`)")
     model = builder(num_classes=num_classes, img_size=img_size, **kwargs)
     if checkpoint is not None:
         load_checkpoint(model, Path(checkpoint))
     return model
+
+
+def architecture_kwargs(model: nn.Module, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The builder arguments a bundle card records to rebuild `model` without its initial weights: for a ViT
+    loaded from pretrained weights, the architecture read from them; otherwise the configured `kwargs`."""
+    built = getattr(model, "architecture_kwargs", None)
+    if built is not None:
+        return dict(built)
+    return {k: v for k, v in kwargs.items() if k != "pretrained_path"}
 
 
 def load_checkpoint(model: nn.Module, path: Path) -> None:

@@ -178,6 +178,8 @@ class BalancingConfig(BaseModel):
     prior_correction: bool = False
     prior_tau: float = 1.0
     target_sensitivity: float | None = Field(None, gt=0, le=1, description="default: training.target_sensitivity")
+    bootstrap: int | None = Field(None, ge=0, description="resamples of the report's 95 % intervals; default "
+                                  "pipelines.evaluation.BOOTSTRAP_RESAMPLES; 0: none")
     # Pixel-space SMOTE (small images only).
     pixel_size: int = Field(32, ge=8)
     contact_sheet_per_class: int = Field(8, ge=1)
@@ -429,7 +431,16 @@ def balance_bundle(
     from models.bundle import load_bundle, save_bundle
     from pipelines.calibration import calibrate_and_score, calibration_method_of
     from pipelines.data import ImageDataset
-    from pipelines.evaluation import compute_metrics
+    from pipelines.evaluation import (
+        BOOTSTRAP_RESAMPLES,
+        add_score_intervals,
+        bootstrap_intervals,
+        card_metrics,
+        check_training_overlap,
+        compute_metrics,
+        paired_bootstrap_delta,
+        source_metrics,
+    )
     from pipelines.manifest import SPLITS, manifest_sha256, read_manifest
     from pipelines.prediction import card_tta
     from pipelines.transforms import card_transform
@@ -453,6 +464,10 @@ def balance_bundle(
     for split in ("train", "val"):
         if not (rows.split == split).any():
             raise ValueError(f"manifest '{manifest_path}' has no '{split}' rows; feature-space balancing needs both")
+    # The validation and test rows choose the threshold and score the heads: they must not be training images.
+    overlap = check_training_overlap(bundle_dir, bundle.card, rows[rows.split != "train"], "validation and test",
+                                     [manifest_path])
+    n_boot = BOOTSTRAP_RESAMPLES if config.bootstrap is None else config.bootstrap
 
     transform = card_transform(card)
     dataset = ImageDataset(rows, class_names, transform)
@@ -485,14 +500,22 @@ def balance_bundle(
 
     malignant = [c for c in card.get("malignant_classes", []) if c in class_names]
     sensitivity = config.target_sensitivity or target_sensitivity
-    # The before/after table compares the heads on the embeddings (one view, uncalibrated); the bundle itself is
-    # re-calibrated below with its own test-time augmentation, and its card shows those numbers.
+    # The before/after table compares the heads on the embeddings (one view, uncalibrated), with intervals and the
+    # paired change; the bundle itself is re-calibrated below with its own test-time augmentation, and its card
+    # shows those numbers.
     metrics: dict[str, Any] = {}
     for split in ("val", "test"):
         if len(labels[split]):
-            before = compute_metrics(labels[split], _split_probs(original_head, feats[split]), class_names, malignant)
-            after = compute_metrics(labels[split], _split_probs(head, feats[split]), class_names, malignant)
-            metrics[split] = {"before": _headline(before), "after": _headline(after)}
+            pair = {"before": _split_probs(original_head, feats[split]), "after": _split_probs(head, feats[split])}
+            metrics[split] = {}
+            for side, probs in pair.items():
+                scored = compute_metrics(labels[split], probs, class_names, malignant)
+                intervals = bootstrap_intervals(labels[split], probs, class_names, malignant, n_boot=n_boot)
+                metrics[split][side] = card_metrics({**scored, "intervals": intervals} if intervals else scored)
+            y_malignant = np.isin(np.asarray(class_names)[labels[split]], malignant)
+            if n_boot and 0 < y_malignant.sum() < len(y_malignant):
+                metrics[split]["change"] = paired_bootstrap_delta(labels[split], pair["before"], pair["after"],
+                                                                  class_names, malignant, n_boot)
 
     model.head = head.to(next(model.parameters()).device)
     split_rows = {split: rows[(rows.split == split)] for split in ("val", "test")}
@@ -502,6 +525,7 @@ def balance_bundle(
         class_names, malignant, card_tta(card), calibration_method_of(card), sensitivity,
         logits_out=(Path(report_dir) if report_dir else Path(out_dir) / "balancing_report") / "logits.npz",
     )
+    add_score_intervals(scores, class_names, malignant, n_boot)
     threshold = scores.threshold
     op = threshold["threshold"] if threshold else None
     best_epoch = int(np.argmax([h["val_balanced_accuracy"] for h in history])) + 1
@@ -521,8 +545,9 @@ def balance_bundle(
         "threshold_metrics": threshold,
         "calibration": scores.calibration,
         "inference": {"tta": scores.tta},
-        "metrics": {**scores.card_metrics(), "before_balancing": {k: v for k, v in card.get("metrics", {}).items()
-                                                     if k in ("validation", "test")}},
+        # Its own numbers; the source bundle's go apart, with its hash.
+        "metrics": scores.card_metrics(),
+        "source_metrics": source_metrics(bundle_dir, bundle.card),
         "manifest_sha256": manifest_sha256(manifest_path),
         "balancing": balancing,
     })
@@ -530,7 +555,7 @@ def balance_bundle(
     card.pop("versions", None)
     out_dir = save_bundle(out_dir, model.cpu(), card)
     report = {"bundle": str(out_dir), "balancing": balancing, "metrics": metrics, "threshold": threshold,
-              "history": history}
+              "bundle_metrics": card["metrics"], "training_overlap": overlap, "history": history}
     report_path = write_balancing_report(report, Path(report_dir) if report_dir else out_dir / "balancing_report")
     report["report"] = str(report_path)
     log.info("balanced bundle written to %s (val balanced accuracy %.3f -> %.3f)", out_dir,
@@ -538,20 +563,14 @@ def balance_bundle(
     return report
 
 
-def _headline(metrics: dict[str, Any]) -> dict[str, Any]:
-    keep = ("n", "accuracy", "balanced_accuracy", "macro_auc", "malignant_auc", "sensitivity_at_90_specificity",
-            "ece", "at_operating_threshold")
-    out = {k: metrics[k] for k in keep if k in metrics}
-    out["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
-    return out
-
-
 def write_balancing_report(report: dict[str, Any], out_dir: Path) -> Path:
-    """`report.json` and a before/after `report.md` for one balancing run."""
+    """`report.json` and a before/after `report.md` for one balancing run (95 % bootstrap intervals in brackets)."""
+    from pipelines.evaluation import interval_text, training_overlap_lines
+
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=float))
     bal = report["balancing"]
-    lines = [f"# Feature-space balancing: {bal['method']}", "",
+    lines = [f"# Feature-space balancing: {bal['method']}", "", *training_overlap_lines(report.get("training_overlap")),
              f"Head re-trained ({bal['head_init']}, loss {bal['head_loss']}, weighting {bal['class_weighting']}, "
              f"sampler {bal['sampler']}, best epoch {bal['best_epoch']}/{bal['head_epochs']}); "
              f"prior correction: {'yes' if bal['prior_correction'] else 'no'}.", "",
@@ -559,12 +578,40 @@ def write_balancing_report(report: dict[str, Any], out_dir: Path) -> Path:
     for name, n in bal["train_counts_before"].items():
         lines.append(f"| {name} | {n} | {bal['train_counts_after'][name]} |")
     for split, pair in report["metrics"].items():
-        lines += ["", f"## {split}", "", "| metric | before | after |", "|---|---|---|"]
+        ci = {side: pair[side].get("intervals") or {} for side in ("before", "after")}
+        change = pair.get("change") or {}
+        lines += ["", f"## {split} (heads on the embeddings, one view, uncalibrated)", "",
+                  "| metric | before | after | change [95 % paired interval] |", "|---|---|---|---|"]
         for key in ("balanced_accuracy", "macro_auc", "malignant_auc", "accuracy"):
             if key in pair["after"]:
-                lines.append(f"| {key} | {pair['before'].get(key, float('nan')):.4f} | {pair['after'][key]:.4f} |")
+                d = change.get(key)
+                delta = f"{d['delta']:+.4f} [{d['low']:+.4f}, {d['high']:+.4f}]" if d else ""
+                lines.append(f"| {key} | {pair['before'].get(key, float('nan')):.4f}"
+                             f"{interval_text(ci['before'].get(key))} | {pair['after'][key]:.4f}"
+                             f"{interval_text(ci['after'].get(key))} | {delta} |")
         for name, recall in pair["after"]["recall"].items():
-            lines.append(f"| recall {name} | {pair['before']['recall'][name]:.3f} | {recall:.3f} |")
+            lines.append(f"| recall {name} | {pair['before']['recall'][name]:.3f}"
+                         f"{interval_text(ci['before'].get('recall', {}).get(name))} | {recall:.3f}"
+                         f"{interval_text(ci['after'].get('recall', {}).get(name))} | |")
+    shipped = report.get("bundle_metrics") or {}
+    for split in ("test", "validation"):
+        block = shipped.get(split)
+        if not block:
+            continue
+        ci = block.get("intervals") or {}
+        lines += ["", f"## The balanced bundle as shipped ({split} split, calibrated, {block['n']} images)", "",
+                  f"- balanced accuracy {block['balanced_accuracy']:.4f}{interval_text(ci.get('balanced_accuracy'))}"]
+        if "malignant_auc" in block:
+            lines.append(f"- malignant AUC {block['malignant_auc']:.4f}{interval_text(ci.get('malignant_auc'))}")
+        if "at_operating_threshold" in block:
+            op = block["at_operating_threshold"]
+            lines.append(f"- at the threshold: sensitivity {op['sensitivity']:.3f}"
+                         f"{interval_text(ci.get('sensitivity_at_threshold'))}, specificity "
+                         f"{op['specificity']:.3f}{interval_text(ci.get('specificity_at_threshold'))}")
+        if ci:
+            lines.append(f"- [low, high]: {100 * ci['confidence']:.0f} % {ci['method']} ({ci['n_boot']} resamples, "
+                         f"seed {ci['seed']})")
+        break
     if report.get("threshold"):
         t = report["threshold"]
         lines += ["", f"Operating threshold {t['threshold']:.4f} on P(malignant), chosen on validation for "
@@ -694,7 +741,8 @@ def _cmd_balance(args: Any) -> None:
               "seed": args.seed, "head_loss": args.head_loss, "class_weighting": args.class_weighting,
               "sampler": args.sampler, "head_epochs": args.head_epochs, "head_lr": args.head_lr,
               "head_init": args.head_init, "prior_correction": args.prior_correction,
-              "target_sensitivity": args.target_sensitivity, "pixel_size": args.pixel_size}
+              "target_sensitivity": args.target_sensitivity, "pixel_size": args.pixel_size,
+              "bootstrap": args.bootstrap}
     settings = load_balancing_config({k: v for k, v in fields.items() if v is not None})
     out = Path(args.out)
     if settings.space == "pixel":
@@ -731,6 +779,8 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--head-init", choices=["reinit", "original"])
     p.add_argument("--prior-correction", action="store_const", const=True, help="bake bias -= tau log(prior) in")
     p.add_argument("--target-sensitivity", type=float, help="for the validation-chosen operating threshold")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the report's 95 %% intervals (default 1000; "
+                   "0: none)")
     p.add_argument("--pixel-size", type=int, help=f"pixel space only, at most {MAX_PIXEL_SMOTE_SIZE} px")
     p.add_argument("--out-manifest", help="pixel space: manifest to write (default OUT/manifest.csv)")
     p.add_argument("--report-dir", help="feature space: report folder (default OUT/balancing_report)")

@@ -42,9 +42,9 @@ def _cmd_ingest(args: argparse.Namespace) -> None:
     from pipelines.manifest import grouped_split, ingest_class_folders, ingest_ham10000, write_manifest
 
     if args.format == "ham10000":
-        df = ingest_ham10000(args.root, args.metadata, args.images)
+        df = ingest_ham10000(args.root, args.metadata, args.images, args.malignant_classes, args.classes)
     else:
-        df = ingest_class_folders(args.root)
+        df = ingest_class_folders(args.root, args.groups, args.classes, args.malignant_classes)
     if not args.no_split:
         df = grouped_split(df, args.val_fraction, args.test_fraction, args.seed)
     write_manifest(df, args.out)
@@ -57,7 +57,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
     from pipelines.run import run_pipeline
 
     config, run_dir = load_run_config(args)
-    outputs = run_pipeline(config, run_dir)
+    outputs = run_pipeline(config, run_dir, rerun=not args.no_rerun)
     print(f"run directory: {run_dir}")
     for stage, result in outputs.items():
         for key in ("bundle", "report", "manifest"):
@@ -66,7 +66,7 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipelines.run import run_pipeline, stage_ingest
+    from pipelines.run import run_pipeline, run_stage, stage_ingest
 
     config, run_dir = load_run_config(args)
     if config.mil is not None:
@@ -77,17 +77,27 @@ def _cmd_train(args: argparse.Namespace) -> None:
         manifest = Path(args.manifest)
     else:
         manifest = Path(stage_ingest(config, run_dir, None)["manifest"])
-    from pipelines.training import train_from_config
-
-    bundle = train_from_config(config, run_dir, manifest)
+    # As the `run` train stage: writes config.yaml and stages/train.json, discards checkpoints of other settings.
+    bundle = run_stage("train", config, run_dir, manifest, force="lesionlab train always trains").outputs["bundle"]
     print(f"bundle: {bundle}\nreport: {run_dir / 'report' / 'report.md'}")
+
+
+def _cmd_cv(args: argparse.Namespace) -> None:
+    from pipelines.crossval import run_cv
+
+    config, run_dir = load_run_config(args)
+    summary = run_cv(config, run_dir, args.folds, args.manifest)
+    stats = {k: {s: (round(v, 4) if v is not None else None) for s, v in m.items() if s != "n"}
+             for k, m in summary["summary"].items()}
+    print(f"cross-validation: {run_dir / 'cv.md'}\n{stats}")
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from pipelines.evaluation import evaluate_bundle
 
     out = Path(args.out or Path(args.bundle) / "evaluation")
-    metrics = evaluate_bundle(args.bundle, args.data, out, split=args.split, tta=args.tta)
+    metrics = evaluate_bundle(args.bundle, args.data, out, split=args.split, tta=args.tta, n_boot=args.bootstrap,
+                              engine=args.engine)
     summary = {k: round(v, 4) for k, v in metrics.items() if isinstance(v, float)}
     print(f"report: {out / 'report.md'}\n{summary}")
 
@@ -98,14 +108,33 @@ def _cmd_predict(args: argparse.Namespace) -> None:
 
     card = read_card(args.bundle)
     if card.get("task") == "mil":
-        from pipelines.mil import predict_slides_cli
+        from models.bundle import load_bundle
+        from pipelines.mil import predict_slides
 
-        predict_slides_cli(args)
-        return
-    paths = list_images(args.images)
-    predictor = Predictor.from_path(args.bundle, tta=args.tta)
-    table, errors = predictor.predict_files(paths)
-    write_predictions(table, errors, args.out, "files")
+        errors: list = []
+        table, what = predict_slides(load_bundle(args.bundle), args.images, errors), "slides"
+    else:
+        predictor = Predictor.from_path(args.bundle, tta=args.tta, engine=args.engine)
+        (table, errors), what = predictor.predict_files(list_images(args.images)), "files"
+    if not len(table):
+        if errors:
+            raise CliError(f"all {len(errors)} {what} in '{args.images}' were skipped (first: {errors[0]}); "
+                           f"no predictions written to '{args.out}'")
+        raise CliError(f"'{args.images}' lists no {what} to predict; no predictions written to '{args.out}'")
+    write_predictions(table, errors, args.out, what)
+
+
+def _cmd_export(args: argparse.Namespace) -> None:
+    from pipelines.export import export_bundle
+
+    block = export_bundle(args.bundle, args.data, int8=args.int8, calibration_images=args.calibration_images)
+    for folder, member in (block["members"].items() if "members" in block else [(".", block)]):
+        parts = [f"fp32 max |Δp| {member['fp32']['parity']['max_abs_prob_diff']:.1e}"]
+        if "int8" in member:
+            parity = member["int8"]["parity"]
+            parts.append(f"int8 top-1 agreement {parity['top1_agreement']:.3f}, "
+                         f"validated: {member['int8']['validated']}")
+        print(f"{Path(args.bundle) / folder}: " + "; ".join(parts))
 
 
 def _cmd_ensemble(args: argparse.Namespace) -> None:
@@ -138,6 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--root", required=True, help="dataset folder")
     p.add_argument("--metadata", help="metadata CSV (default: ROOT/metadata.csv)")
     p.add_argument("--images", action="append", help="image folder(s) (default: ROOT/images)")
+    p.add_argument("--groups", help="folders format: CSV with image_id,group (default: ROOT/groups.csv if present)")
+    p.add_argument("--classes", nargs="+", metavar="CLASS", help="the expected classes; any other label is an error")
+    p.add_argument("--malignant-classes", nargs="+", metavar="CLASS",
+                   help="classes counted as malignant, each checked to be a class (default for ham10000: mel bcc "
+                   "akiec, unchecked)")
     p.add_argument("--out", required=True, help="manifest CSV to write")
     p.add_argument("--val-fraction", type=float, default=0.15)
     p.add_argument("--test-fraction", type=float, default=0.15)
@@ -147,12 +181,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run every stage the config enables, resuming a finished or killed run")
     add_config_arguments(p, "training.epochs=3 pruning.method=l1")
+    p.add_argument("--no-rerun", action="store_true", help="refuse, instead of re-running, a finished stage whose "
+                   "config section or inputs changed")
     p.set_defaults(func=_cmd_run)
 
     p = sub.add_parser("train", help="train a classifier from a config (ingest + split + train)")
     add_config_arguments(p, "training.epochs=3")
     p.add_argument("--manifest", help="use this manifest instead of ingesting the config's data")
     p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("cv", help="grouped k-fold cross-validation of image training (mean and spread over folds)")
+    add_config_arguments(p, "training.epochs=3")
+    p.add_argument("--folds", type=int, default=5)
+    p.add_argument("--manifest", help="use this manifest instead of ingesting the config's data")
+    p.set_defaults(func=_cmd_cv)
 
     p = sub.add_parser("evaluate", help="evaluate a bundle on a manifest (its test split) or a dataset folder")
     p.add_argument("--bundle", required=True)
@@ -161,6 +203,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="report folder (default BUNDLE/evaluation)")
     p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
                    "own setting, which its calibration and threshold were fitted with)")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95 %% intervals (0: none)")
+    p.add_argument("--engine", choices=["auto", "eager", "onnx", "int8"], default="auto",
+                   help="network runtime: auto uses the bundle's exported ONNX file when it has one (see `lesionlab "
+                   "export`), else eager PyTorch")
     p.set_defaults(func=_cmd_evaluate)
 
     p = sub.add_parser("predict", help="predict a folder or CSV of images; one CSV row per image")
@@ -169,7 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="CSV to write")
     p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
                    "own setting, which its calibration and threshold were fitted with)")
+    p.add_argument("--engine", choices=["auto", "eager", "onnx", "int8"], default="auto",
+                   help="network runtime: auto uses the bundle's exported ONNX file when it has one (see `lesionlab "
+                   "export`), else eager PyTorch")
     p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("export", help="export a bundle to ONNX (and int8) for faster CPU inference")
+    p.add_argument("--bundle", required=True, help="image bundle (an ensemble exports each member)")
+    p.add_argument("--data", help="the bundle's own manifest: parity on its validation images, int8 calibration on "
+                   "its training images (required with --int8)")
+    p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ quantization)")
+    p.add_argument("--calibration-images", type=int, default=256, help="training images for the int8 calibration")
+    p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser("ensemble", help="combine trained bundles into one ensemble bundle (mean of calibrated "
                        "probabilities) with a threshold chosen on validation")
@@ -188,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-megapixels", type=float, default=50.0)
     p.add_argument("--tta", type=int, choices=[1, 8], help="test-time-augmentation views (default: the bundle's "
                    "own setting, which its calibration and threshold were fitted with)")
+    p.add_argument("--engine", choices=["auto", "eager", "onnx", "int8"], default="auto",
+                   help="network runtime: auto uses the bundle's exported ONNX file when it has one (see `lesionlab "
+                   "export`), else eager PyTorch")
     p.add_argument("--auth-file", default=os.environ.get("LESIONLAB_AUTH_FILE"),
                    help="login file (lines 'username:<scrypt hash>', see `lesionlab users add`; default "
                    "$LESIONLAB_AUTH_FILE): every page, upload and API call then needs a login")
@@ -220,15 +280,35 @@ def default_bundle_path() -> Path:
     return Path(__file__).resolve().parent.parent / "models" / "default_bundle"
 
 
+# Where a multi-process launcher (`accelerate launch`, torchrun, mpirun) puts each process's global rank.
+RANK_VARIABLES = ("RANK", "PMI_RANK", "OMPI_COMM_WORLD_RANK", "MV2_COMM_WORLD_RANK")
+
+
+def process_rank() -> int:
+    """This process's global rank in a multi-process launch (0 when launched alone)."""
+    for name in RANK_VARIABLES:
+        value = os.environ.get(name, "").strip()
+        if value.isdigit():
+            return int(value)
+    return 0
+
+
+def setup_logging(verbose: bool = False, rank: int | None = None) -> None:
+    """Log to stderr at INFO (DEBUG with -v) on the main process and at WARNING on every other process of a
+    multi-process run, so that each progress line appears once; `rank` defaults to the launcher's."""
+    rank = process_rank() if rank is None else rank
+    level = logging.WARNING if rank > 0 else logging.DEBUG if verbose else logging.INFO
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger().setLevel(level)  # also when a handler was already installed
+    for noisy in ("accelerate", "httpx", "PIL"):  # per-checkpoint and per-request chatter
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose and rank == 0 else logging.WARNING)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `lesionlab` console script."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
-    for noisy in ("accelerate", "httpx", "PIL"):  # per-checkpoint and per-request chatter
-        logging.getLogger(noisy).setLevel(logging.DEBUG if args.verbose else logging.WARNING)
+    setup_logging(args.verbose)
     from pipelines.config import ConfigError
     from pipelines.images import ImageError
     from pipelines.manifest import ManifestError

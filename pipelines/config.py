@@ -21,7 +21,27 @@ class DataConfig(Section):
     metadata: str | None = None
     images: list[str] | None = None
     manifest: str | None = None
-    malignant_classes: list[str] = ["mel", "bcc", "akiec"]
+    classes: list[str] | None = Field(
+        None, description="the expected class names; a label outside them stops ingest (default: the classes found)"
+    )
+    malignant_classes: list[str] = Field(
+        ["mel", "bcc", "akiec"], description="classes counted as malignant; each must be a class of the data"
+    )
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "DataConfig":
+        if self.classes is None:
+            return self
+        repeated = sorted({c for c in self.classes if self.classes.count(c) > 1})
+        if repeated:
+            raise ValueError(f"data.classes lists {', '.join(repr(c) for c in repeated)} more than once")
+        unknown = [c for c in self.malignant_classes if c not in self.classes]
+        if unknown:
+            raise ValueError(
+                f"data.malignant_classes names {', '.join(repr(c) for c in unknown)}, not in data.classes "
+                f"({', '.join(self.classes)})"
+            )
+        return self
 
 
 class SplitConfig(Section):
@@ -39,10 +59,21 @@ class ModelConfig(Section):
     img_size: int = 128
     pretrained: bool = True
     checkpoint: str | None = None
+    pretrained_path: str | None = Field(
+        None, description="model.name=vit: local ImageNet-pretrained ViT weights (a transformers ViT folder or file, "
+        "or a timm ViT state dict); the architecture comes from them, the head is new"
+    )
     kwargs: dict[str, Any] = {}
     color_constancy: Literal["none", "shades_of_gray"] = Field(
         "none", description="Shades-of-Gray (p = 6) colour constancy before normalisation, in training and serving"
     )
+
+    @model_validator(mode="after")
+    def _check_pretrained_path(self) -> "ModelConfig":
+        if self.pretrained_path and self.name != "vit":
+            raise ValueError(f"model.pretrained_path loads ViT weights, but model.name is '{self.name}'; "
+                             "expected 'vit' (use model.checkpoint for other networks)")
+        return self
 
 
 class TrainSettings(Section):

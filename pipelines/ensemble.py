@@ -17,19 +17,28 @@ def build_ensemble(
     manifest_path: str | Path,
     out_dir: str | Path,
     target_sensitivity: float = 0.9,
+    n_boot: int | None = None,
 ) -> dict[str, Any]:
     """Combine trained bundles into one ensemble bundle at `out_dir` and score it.
 
     Each member keeps its own preprocessing, calibration and test-time augmentation; the ensemble's probabilities
     are the mean of the members' calibrated probabilities, re-calibrated by one temperature fitted on the
     validation rows (a mean of calibrated members is under-confident). The referral threshold is chosen on the
-    ensemble's calibrated validation probabilities (the manifest's real `val` rows), and the card records
-    validation and test metrics.
+    ensemble's calibrated validation probabilities (the manifest's real `val` rows), and the card records the
+    ensemble's own validation and test metrics (with 95 % bootstrap intervals, `n_boot` resamples; 0: none); the
+    members' own metrics and weight hashes go under `source_metrics`.
     Every member must know the same classes and have been trained on this manifest (its hash is checked).
     """
     from models.bundle import Bundle, load_bundle, save_ensemble
     from pipelines.calibration import fit_calibration
-    from pipelines.evaluation import card_metrics, compute_metrics, referral_threshold
+    from pipelines.evaluation import (
+        BOOTSTRAP_RESAMPLES,
+        bootstrap_intervals,
+        card_metrics,
+        compute_metrics,
+        referral_threshold,
+        source_metrics,
+    )
     from pipelines.manifest import manifest_sha256, read_manifest
     from pipelines.prediction import Predictor, combine_members
 
@@ -82,10 +91,17 @@ def build_ensemble(
     threshold = referral_threshold(*scores["val"], class_names, malignant, target_sensitivity)
     op = threshold["threshold"] if threshold else None
     names = {"val": "validation", "test": "test"}
-    card.update(operating_threshold=op, threshold_metrics=threshold, metrics={
-        names[split]: card_metrics(compute_metrics(labels, probs, class_names, malignant, op))
-        for split, (labels, probs) in scores.items()
-    })
+    n_boot = BOOTSTRAP_RESAMPLES if n_boot is None else n_boot
+    metrics = {}
+    for split, (labels, probs) in scores.items():
+        metrics[names[split]] = compute_metrics(labels, probs, class_names, malignant, op)
+        intervals = bootstrap_intervals(labels, probs, class_names, malignant, op, n_boot)
+        if intervals is not None:
+            metrics[names[split]]["intervals"] = intervals
+    card.update(operating_threshold=op, threshold_metrics=threshold,
+                metrics={split: card_metrics(m) for split, m in metrics.items()},
+                source_metrics={"members": [source_metrics(folder, bundle.card)
+                                            for folder, bundle in zip(member_dirs, members)]})
     save_ensemble(out_dir, [(b.model, _member_card(b.card)) for b in members], card)
     log.info("ensemble of %d members written to %s", len(members), out_dir)
     return card

@@ -32,10 +32,15 @@ HEADLINE_METRICS = (
     "ece",
 )
 
+# Every report's 95 % intervals: a stratified bootstrap with this many resamples and this seed (see
+# `bootstrap_intervals`); a report's caller may pass another number, 0 for none.
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+
 
 def card_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """The metrics a model card shows (no confusion matrix)."""
-    keep = (*HEADLINE_METRICS, "at_operating_threshold", "ece_uncalibrated")
+    keep = (*HEADLINE_METRICS, "at_operating_threshold", "ece_uncalibrated", "intervals")
     headline = {k: metrics[k] for k in keep if k in metrics}
     headline["recall"] = {name: row["recall"] for name, row in metrics.get("per_class", {}).items()}
     return headline
@@ -143,53 +148,266 @@ def referral_threshold(
     return choose_operating_threshold(y_mal, malignant_probability(probs, class_names, present), target_sensitivity)
 
 
+_BOOTSTRAP_CHUNK = 250  # resamples scored at once: memory grows with chunk x cases, not with n_boot x cases
+
+
+def _bootstrap_chunks(y_true: np.ndarray, n_boot: int, seed: int):
+    """Yield (chunk, N) index arrays of a stratified bootstrap; see `stratified_bootstrap_indices`."""
+    if n_boot < 1:
+        raise ValueError(f"n_boot is {n_boot}; a bootstrap needs at least 1 resample")
+    rng = np.random.default_rng(seed)
+    members = [np.flatnonzero(y_true == c) for c in np.unique(y_true)]
+    for start in range(0, n_boot, _BOOTSTRAP_CHUNK):
+        size = min(_BOOTSTRAP_CHUNK, n_boot - start)
+        idx = np.empty((size, len(y_true)), dtype=np.int64)
+        for rows in members:
+            idx[:, rows] = rows[rng.integers(0, len(rows), size=(size, len(rows)))]
+        yield idx
+
+
+def stratified_bootstrap_indices(y_true: Sequence[int], n_boot: int, seed: int = BOOTSTRAP_SEED) -> np.ndarray:
+    """(n_boot, N) case indices of a bootstrap stratified by class: each resample draws, with replacement, as many
+    cases of every class as it has, into that class's own positions, so `y_true[idx] == y_true` on every row and no
+    resample loses a rare class."""
+    return np.concatenate(list(_bootstrap_chunks(np.asarray(y_true), n_boot, seed)))
+
+
+class _ResampleScorer:
+    """Balanced accuracy, malignant AUC, per-class recall and sensitivity/specificity at a threshold of one set of
+    predictions, on many resamples at once (vectorised; labels are fixed because the resampling is stratified)."""
+
+    def __init__(self, y_true: np.ndarray, probs: np.ndarray, class_names: Sequence[str],
+                 malignant_classes: Sequence[str], operating_threshold: float | None = None) -> None:
+        self.correct = probs.argmax(axis=1) == y_true
+        self.classes = {name: np.flatnonzero(y_true == c) for c, name in enumerate(class_names)
+                        if (y_true == c).any()}
+        present = [c for c in malignant_classes if c in class_names]
+        y_mal = np.isin(np.asarray(class_names)[y_true], present) if present else np.zeros(len(y_true), bool)
+        self.positives, self.negatives = np.flatnonzero(y_mal), np.flatnonzero(~y_mal)
+        self.has_auc = bool(present) and len(self.positives) > 0 and len(self.negatives) > 0
+        self.p_mal = malignant_probability(probs, class_names, present) if present else None
+        self.referred = (self.p_mal >= operating_threshold) if (
+            self.has_auc and operating_threshold is not None) else None
+
+    def __call__(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        from scipy.stats import rankdata
+
+        recall = {name: self.correct[idx[:, rows]].mean(axis=1) for name, rows in self.classes.items()}
+        scores = {"balanced_accuracy": np.mean(list(recall.values()), axis=0),
+                  **{f"recall/{name}": r for name, r in recall.items()}}
+        if self.has_auc:
+            # Mann-Whitney form of the ROC AUC, ties counted half: (rank sum of positives - P(P+1)/2) / (P N).
+            ranks = rankdata(self.p_mal[idx], axis=1)
+            n_pos, n_neg = len(self.positives), len(self.negatives)
+            scores["malignant_auc"] = (ranks[:, self.positives].sum(axis=1) - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
+            if self.referred is not None:
+                scores["sensitivity_at_threshold"] = self.referred[idx[:, self.positives]].mean(axis=1)
+                scores["specificity_at_threshold"] = (~self.referred[idx[:, self.negatives]]).mean(axis=1)
+        return scores
+
+
+def _resampled(scorers: Sequence[_ResampleScorer], y_true: np.ndarray, n_boot: int, seed: int
+               ) -> list[dict[str, np.ndarray]]:
+    """Each scorer's scores on the same stratified resamples, concatenated over chunks."""
+    parts: list[list[dict[str, np.ndarray]]] = [[] for _ in scorers]
+    for idx in _bootstrap_chunks(y_true, n_boot, seed):
+        for part, scorer in zip(parts, scorers):
+            part.append(scorer(idx))
+    return [{key: np.concatenate([chunk[key] for chunk in part]) for key in part[0]} for part in parts]
+
+
+def _interval(values: np.ndarray, confidence: float) -> dict[str, float]:
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(values, [tail, 100 - tail])
+    return {"low": float(low), "high": float(high)}
+
+
+def _check_bootstrap_inputs(y_true: Sequence[int], probs: np.ndarray, class_names: Sequence[str],
+                            confidence: float) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true)
+    probs = np.asarray(probs, dtype=np.float64)
+    if probs.ndim != 2 or probs.shape != (len(y), len(class_names)):
+        raise ValueError(f"probs has shape {probs.shape}; expected ({len(y)}, {len(class_names)})")
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence is {confidence}; expected a fraction in (0, 1), e.g. 0.95")
+    if len(y) == 0:
+        raise ValueError("a bootstrap interval needs at least one case")
+    return y, probs
+
+
+def bootstrap_intervals(
+    y_true: Sequence[int],
+    probs: np.ndarray,
+    class_names: Sequence[str],
+    malignant_classes: Sequence[str],
+    operating_threshold: float | None = None,
+    n_boot: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
+) -> dict[str, Any] | None:
+    """Percentile bootstrap intervals of balanced accuracy, malignant AUC, per-class recall and, with a threshold,
+    sensitivity and specificity at it: the one interval computation every report uses.
+
+    Resampling is stratified by class (each class keeps its count), so a rare class is never absent from a
+    resample; with a fixed `seed` the intervals repeat exactly. `n_boot=0` gives None (no intervals). A class with
+    very few cases gets a narrow but meaningless recall interval: read it together with the class's support.
+    """
+    if n_boot == 0:
+        return None
+    y, probs = _check_bootstrap_inputs(y_true, probs, class_names, confidence)
+    (scores,) = _resampled([_ResampleScorer(y, probs, class_names, malignant_classes, operating_threshold)], y,
+                           n_boot, seed)
+    out: dict[str, Any] = {"method": "percentile bootstrap, stratified by class", "confidence": confidence,
+                           "n_boot": int(n_boot), "seed": int(seed)}
+    for key in ("balanced_accuracy", "malignant_auc", "sensitivity_at_threshold", "specificity_at_threshold"):
+        if key in scores:
+            out[key] = _interval(scores[key], confidence)
+    out["recall"] = {key.split("/", 1)[1]: _interval(values, confidence)
+                     for key, values in scores.items() if key.startswith("recall/")}
+    return out
+
+
 def paired_bootstrap_delta(
     y_true: Sequence[int],
     probs_ref: np.ndarray,
     probs_new: np.ndarray,
     class_names: Sequence[str],
-    malignant_classes: Sequence[str] = ("mel", "bcc", "akiec"),
-    n_boot: int = 1000,
-    seed: int = 0,
+    malignant_classes: Sequence[str],
+    n_boot: int = BOOTSTRAP_RESAMPLES,
+    seed: int = BOOTSTRAP_SEED,
+    confidence: float = 0.95,
 ) -> dict[str, dict[str, float]]:
-    """Change (new - reference) in balanced accuracy and malignant AUC with a 95 % paired bootstrap interval.
+    """Change (new - reference) in balanced accuracy and malignant AUC with a paired bootstrap interval.
 
-    Both models are scored on the same resampled cases, so the interval reflects the difference between them,
-    not each model's own sampling noise. Resamples that lose a class (or all malignant/benign cases) are redrawn.
-    `probs_new` may also be (runs, cases, classes), e.g. one model trained with several seeds: the change is then
-    the mean over runs of each run's change, on every resample.
+    Both models are scored on the same resampled cases (stratified by class, as in `bootstrap_intervals`), so the
+    interval reflects the difference between them, not each model's own sampling noise. `probs_new` may also be
+    (runs, cases, classes), e.g. one model trained with several seeds: the change is then the mean over runs of
+    each run's change, on every resample.
     """
-    y_true = np.asarray(y_true)
+    y, probs_ref = _check_bootstrap_inputs(y_true, probs_ref, class_names, confidence)
+    probs_new = np.asarray(probs_new, dtype=np.float64)
     runs_new = probs_new[None] if probs_new.ndim == 2 else probs_new
-    if runs_new.ndim != 3 or runs_new.shape[1:] != probs_ref.shape or probs_ref.shape[0] != len(y_true):
+    if runs_new.ndim != 3 or runs_new.shape[1:] != probs_ref.shape:
         raise ValueError(f"probabilities of shapes {probs_ref.shape} and {probs_new.shape} do not both cover the "
-                         f"{len(y_true)} cases")
-    y_mal = np.isin(np.asarray(class_names)[y_true], list(malignant_classes))
-    pred_ref, preds_new = probs_ref.argmax(1), runs_new.argmax(2)
-    mal_ref = malignant_probability(probs_ref, class_names, malignant_classes)
-    mals_new = [malignant_probability(run, class_names, malignant_classes) for run in runs_new]
+                         f"{len(y)} cases")
+    reference = _ResampleScorer(y, probs_ref, class_names, malignant_classes)
+    if not reference.has_auc:
+        raise ValueError(f"a paired comparison needs malignant ({list(malignant_classes)}) and benign cases; the "
+                         f"{len(y)} cases lack one of them")
+    scorers = [reference, *(_ResampleScorer(y, run, class_names, malignant_classes) for run in runs_new)]
+    identity = np.arange(len(y))[None]
+    points = [scorer(identity) for scorer in scorers]
+    resampled = _resampled(scorers, y, n_boot, seed)
+    out = {}
+    for key in ("balanced_accuracy", "malignant_auc"):
+        point = float(np.mean([p[key][0] for p in points[1:]]) - points[0][key][0])
+        deltas = np.mean([r[key] for r in resampled[1:]], axis=0) - resampled[0][key]
+        out[key] = {"delta": point, **_interval(deltas, confidence)}
+    return out
 
-    def deltas(idx: np.ndarray) -> tuple[float, float]:
-        ref_bal = balanced_accuracy_score(y_true[idx], pred_ref[idx])
-        ref_auc = roc_auc_score(y_mal[idx], mal_ref[idx])
-        bal = np.mean([balanced_accuracy_score(y_true[idx], pred[idx]) for pred in preds_new]) - ref_bal
-        auc = np.mean([roc_auc_score(y_mal[idx], mal[idx]) for mal in mals_new]) - ref_auc
-        return float(bal), float(auc)
 
-    rng = np.random.default_rng(seed)
-    present = np.unique(y_true)
-    samples = []
-    while len(samples) < n_boot:
-        idx = rng.integers(0, len(y_true), len(y_true))
-        if len(np.unique(y_true[idx])) == len(present) and 0 < y_mal[idx].sum() < len(idx):
-            samples.append(deltas(idx))
-    samples = np.asarray(samples)
-    point = deltas(np.arange(len(y_true)))
-    return {
-        name: {"delta": float(point[i]), "low": float(np.percentile(samples[:, i], 2.5)),
-               "high": float(np.percentile(samples[:, i], 97.5))}
-        for i, name in enumerate(("balanced_accuracy", "malignant_auc"))
-    }
+def add_score_intervals(scores: Any, class_names: Sequence[str], malignant_classes: Sequence[str],
+                        n_boot: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED) -> Any:
+    """Attach `bootstrap_intervals` to a `CalibratedScores`' validation and test metrics (in place), so that the
+    card (`scores.card_metrics()`) and the report carry them; returns `scores`."""
+    threshold = scores.threshold["threshold"] if scores.threshold else None
+    pairs = [(scores.val_metrics, scores.val_labels, scores.val_probs)]
+    if scores.test_metrics is not None:
+        pairs.append((scores.test_metrics, scores.test_labels, scores.test_probs))
+    for metrics, labels, probs in pairs:
+        intervals = bootstrap_intervals(labels, probs, class_names, malignant_classes, threshold, n_boot, seed)
+        if intervals is not None:
+            metrics["intervals"] = intervals
+    return scores
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Bundles derived from other bundles, and images a bundle was trained on
+
+
+def bundle_sha256(bundle_dir: str | Path) -> str:
+    """SHA-256 of a bundle's weights file; for an ensemble, of its members' hashes in order."""
+    import hashlib
+
+    from models.bundle import ENSEMBLE, WEIGHTS_FILE, read_card
+
+    path = Path(bundle_dir)
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        digest = hashlib.sha256()
+        with weights.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        return digest.hexdigest()
+    members = (read_card(path).get(ENSEMBLE) or {}).get("members")
+    if not members:
+        raise FileNotFoundError(f"model bundle '{path}' has no {WEIGHTS_FILE}")
+    return hashlib.sha256("".join(bundle_sha256(path / m) for m in members).encode()).hexdigest()
+
+
+def source_metrics(bundle_dir: str | Path, card: dict[str, Any]) -> dict[str, Any]:
+    """The `source_metrics` block of a bundle derived from the one at `bundle_dir` (pruned, re-balanced): that
+    bundle's path, weights hash and training-manifest hash, and its own validation/test metrics. A derived bundle's
+    `metrics` are always its own."""
+    own = {k: v for k, v in (card.get("metrics") or {}).items() if k in ("validation", "test")}
+    return {"bundle": str(bundle_dir), "bundle_sha256": bundle_sha256(bundle_dir),
+            "manifest_sha256": card.get("manifest_sha256"), **own}
+
+
+MAX_MANIFEST_BYTES = 512 * 1024 * 1024  # CSVs beside a bundle larger than this are not hashed in the search
+
+
+def training_rows_of(bundle_dir: str | Path, card: dict[str, Any], candidates: Sequence[str | Path] = ()
+                     ) -> tuple[Any, Path] | None:
+    """(training rows, manifest path) of the manifest a bundle was trained on, when it can be found: one of
+    `candidates` or a CSV beside the bundle (a run directory's manifests) whose SHA-256 is the card's
+    `manifest_sha256`; None when the card records no hash or no such file is at hand."""
+    from pipelines.manifest import manifest_sha256, read_manifest
+
+    digest = card.get("manifest_sha256")
+    if not digest:
+        return None
+    beside = sorted(Path(bundle_dir).resolve().parent.glob("*.csv"))
+    seen = set()
+    for path in [Path(c) for c in candidates] + beside:
+        key = path.resolve()
+        if key in seen or not path.is_file() or path.stat().st_size > MAX_MANIFEST_BYTES:
+            continue
+        seen.add(key)
+        if manifest_sha256(path) == digest:
+            manifest = read_manifest(path)
+            return manifest[manifest.split == "train"], path
+    return None
+
+
+def count_training_images(train_rows: Any, rows: Any) -> int:
+    """How many of `rows` are training images: the same file, or a file of the same name (without its suffix) and
+    the same label, as when a dataset was copied or re-ingested elsewhere."""
+    paths = {str(Path(p).resolve()) for p in train_rows.path}
+    names = {(Path(p).stem, str(label)) for p, label in zip(train_rows.path, train_rows.label)}
+    return int(sum(str(Path(p).resolve()) in paths or (Path(p).stem, str(label)) in names
+                   for p, label in zip(rows.path, rows.label)))
+
+
+def check_training_overlap(bundle_dir: str | Path, card: dict[str, Any], rows: Any, what: str = "evaluated",
+                           candidates: Sequence[str | Path] = ()) -> dict[str, Any] | None:
+    """Warn loudly when `rows` (manifest rows about to be scored) include images the bundle was trained on.
+
+    The training images are the `train` rows of the bundle's training manifest, found by its hash (see
+    `training_rows_of`). Returns {"training_images", "checked", "what", "training_manifest"}, or None (with a log line)
+    when the training images cannot be known.
+    """
+    found = training_rows_of(bundle_dir, card, candidates)
+    if found is None:
+        log.info("bundle '%s': its training manifest is not at hand, so the %s images were not checked against its "
+                 "training images", bundle_dir, what)
+        return None
+    train_rows, path = found
+    count = count_training_images(train_rows, rows)
+    if count:
+        log.warning("%d of the %d %s images were used to train bundle '%s' (training manifest '%s'): metrics on "
+                    "them overstate how well it does on new images", count, len(rows), what, bundle_dir, path)
+    return {"training_images": count, "checked": int(len(rows)), "what": what, "training_manifest": str(path)}
 
 
 def compute_metrics(
@@ -325,37 +543,74 @@ def save_reliability_comparison(
     return path
 
 
+def interval_text(interval: dict[str, float] | None, digits: int = 3) -> str:
+    """' [low, high]' for a report line; '' when there is no interval."""
+    if not interval:
+        return ""
+    return f" [{interval['low']:.{digits}f}, {interval['high']:.{digits}f}]"
+
+
+def training_overlap_lines(overlap: dict[str, Any] | None) -> list[str]:
+    """The report's leakage line: a loud warning when scored images were training images, else what was checked."""
+    if not overlap:
+        return []
+    what, manifest = overlap.get("what", "evaluated"), Path(overlap["training_manifest"]).name
+    if overlap["training_images"]:
+        return [f"> **Warning: {overlap['training_images']} of the {overlap['checked']} {what} images were used to "
+                f"train this bundle** (the `train` rows of its training manifest `{manifest}`). The numbers below "
+                "overstate how well it does on new images; score it on its held-out test split instead.", ""]
+    return [f"None of the {overlap['checked']} {what} images is a training image of this bundle (checked against "
+            f"its training manifest `{manifest}`).", ""]
+
+
 def write_report(
     metrics: dict[str, Any], out_dir: str | Path, title: str = "Evaluation", extra: dict | None = None
 ) -> Path:
-    """Write `report.json` and a readable `report.md` into `out_dir`."""
+    """Write `report.json` and a readable `report.md` into `out_dir`.
+
+    `metrics["intervals"]` (from `bootstrap_intervals`) puts a 95 % interval next to balanced accuracy, malignant
+    AUC, the sensitivity at the threshold and each class's recall; `extra["training_overlap"]` (from
+    `check_training_overlap`) puts the leakage warning at the top.
+    """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"metrics": metrics, **(extra or {})}
     (out_dir / "report.json").write_text(json.dumps(payload, indent=2, default=float))
-    lines = [f"# {title}", ""]
+    intervals = metrics.get("intervals") or {}
+    lines = [f"# {title}", "", *training_overlap_lines((extra or {}).get("training_overlap"))]
     for key in HEADLINE_METRICS:
         if key in metrics:
             value = metrics[key]
             lines.append(
-                f"- **{key.replace('_', ' ')}**: {value:.4f}" if isinstance(value, float) else f"- **{key}**: {value}"
+                f"- **{key.replace('_', ' ')}**: {value:.4f}{interval_text(intervals.get(key))}"
+                if isinstance(value, float) else f"- **{key}**: {value}"
             )
     if "at_operating_threshold" in metrics:
         op = metrics["at_operating_threshold"]
         lines.append(
             f"- **operating threshold** {op['threshold']:.4f} (chosen on validation): sensitivity "
-            f"{op['sensitivity']:.3f}, specificity {op['specificity']:.3f}"
+            f"{op['sensitivity']:.3f}{interval_text(intervals.get('sensitivity_at_threshold'))}, specificity "
+            f"{op['specificity']:.3f}{interval_text(intervals.get('specificity_at_threshold'))}"
         )
-    lines += ["", "| class | precision | recall | F1 | support |", "|---|---|---|---|---|"]
+    recall_ci = intervals.get("recall") or {}
+    head = "| class | precision | recall | F1 | support |" + (" recall 95 % interval |" if recall_ci else "")
+    lines += ["", head, "|---|---|---|---|---|" + ("---|" if recall_ci else "")]
     for name, row in metrics.get("per_class", {}).items():
-        lines.append(f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        line = f"| {name} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |"
+        if recall_ci:
+            line += f"{interval_text(recall_ci.get(name)) or ' n/a'} |"
+        lines.append(line)
+    if intervals:
+        lines += ["", f"[low, high]: {100 * intervals['confidence']:.0f} % {intervals['method']} "
+                  f"({intervals['n_boot']} resamples, seed {intervals['seed']}); a class with few images has a "
+                  "narrow interval that means little."]
     for key, value in (extra or {}).items():
         if isinstance(value, dict) and key == "data":
             lines += ["", "## Data", "", "| class | real | synthetic |", "|---|---|---|"]
             for name, counts in value.get("train_counts", {}).items():
                 lines.append(f"| {name} | {counts.get('real', 0)} | {counts.get('synthetic', 0)} |")
     calibration = (extra or {}).get("calibration")
-    if calibration:
+    if calibration and "ece_before" in calibration:
         lines += ["", "## Calibration", "",
                   f"{calibration['method']} scaling fitted on the {calibration['fitted_on']}"
                   + (f": temperature {calibration['temperature']:.3f}" if "temperature" in calibration else "")
@@ -371,14 +626,23 @@ def write_report(
 
 
 def evaluate_bundle(
-    bundle_dir: str | Path, data: str | Path, out_dir: str | Path, split: str | None = "test", tta: int | None = None
+    bundle_dir: str | Path,
+    data: str | Path,
+    out_dir: str | Path,
+    split: str | None = "test",
+    tta: int | None = None,
+    n_boot: int = BOOTSTRAP_RESAMPLES,
+    engine: str = "auto",
 ) -> dict:
     """Evaluate a saved bundle on a manifest (its `split` rows, or all rows) or a dataset folder; write the report.
 
     Probabilities are the bundle's calibrated ones, with its own test-time augmentation unless `tta` overrides it.
+    The report gives 95 % bootstrap intervals (`n_boot` resamples; 0: none) and warns when evaluated images were
+    training images of the bundle (`check_training_overlap`); the returned metrics carry the same `intervals`.
     """
     import pandas as pd
 
+    from pipelines.images import ImageError, load_image
     from pipelines.manifest import ingest_class_folders, ingest_ham10000, read_manifest
     from pipelines.prediction import Predictor
 
@@ -393,25 +657,39 @@ def evaluate_bundle(
         manifest = ingest_class_folders(data)
     else:
         raise FileNotFoundError(f"evaluation data '{data}' is neither a manifest CSV nor a dataset folder")
-    predictor = Predictor.from_path(bundle_dir, tta=tta)
+    manifest = manifest.reset_index(drop=True)
+    predictor = Predictor.from_path(bundle_dir, tta=tta, engine=engine)
     unknown = sorted(set(manifest.label) - set(predictor.class_names))
     if unknown:
         raise ValueError(
             f"data has labels {unknown} that bundle '{bundle_dir}' does not know ({predictor.class_names})"
         )
-    table, errors = predictor.predict_files(manifest.path.tolist())
-    kept = manifest.set_index(manifest.path.map(lambda p: Path(p).stem))["label"]
-    y_true = np.array([predictor.class_names.index(kept[i]) for i in table.image_id])
-    probs = table[[f"prob_{c}" for c in predictor.class_names]].to_numpy()
-    metrics = compute_metrics(
-        y_true, probs, predictor.class_names, predictor.bundle.malignant_classes, predictor.bundle.operating_threshold
-    )
+    card = predictor.bundle.card
+    overlap = check_training_overlap(bundle_dir, card, manifest, "evaluated", [data] if data.is_file() else [])
+    images, kept, errors = [], [], []
+    for i, path in enumerate(manifest.path):
+        try:
+            images.append(load_image(path, predictor.limits))
+            kept.append(i)
+        except ImageError as err:
+            log.warning("skipped: %s", err)
+            errors.append(err)
+    rows = manifest.iloc[kept]
+    probs = predictor.predict(images).astype(np.float64)
+    table = predictor.table(rows.image_id.astype(str).tolist(), probs)
+    y_true = np.array([predictor.class_names.index(label) for label in rows.label], dtype=np.int64)
+    malignant, threshold = predictor.bundle.malignant_classes, predictor.bundle.operating_threshold
+    metrics = compute_metrics(y_true, probs, predictor.class_names, malignant, threshold)
+    if len(y_true):
+        intervals = bootstrap_intervals(y_true, probs, predictor.class_names, malignant, threshold, n_boot)
+        if intervals is not None:
+            metrics["intervals"] = intervals
     out_dir = Path(out_dir)
-    save_plots(y_true, probs, predictor.class_names, predictor.bundle.malignant_classes, out_dir)
+    save_plots(y_true, probs, predictor.class_names, malignant, out_dir)
     write_report(
         metrics, out_dir, f"Evaluation of {bundle_dir} on {data}",
-        {"skipped_images": [str(e) for e in errors], "tta": predictor.tta,
-         "calibration": predictor.bundle.card.get("calibration")},
+        {"skipped_images": [str(e) for e in errors], "tta": predictor.tta, "training_overlap": overlap,
+         "calibration": card.get("calibration")},
     )
     pd.DataFrame(table).to_csv(out_dir / "predictions.csv", index=False)
     return metrics

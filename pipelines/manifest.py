@@ -6,6 +6,8 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +22,9 @@ SPLITS = ("train", "val", "test")
 SOURCES = ("real", "synthetic")
 HAM10000_COLUMNS = ["image_id", "lesion_id", "dx"]
 DEFAULT_MALIGNANT = ("mel", "bcc", "akiec")
+# Below this many images a class gets a warning at ingest: a 15 % test split then holds 3 or fewer of its images,
+# so its recall (and its share of the malignant AUC) is noise.
+MIN_IMAGES_PER_CLASS = 20
 
 
 class ManifestError(ValueError):
@@ -85,23 +90,117 @@ def _index_images(folders: list[Path]) -> dict[str, Path]:
     return index
 
 
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" if n == 1 else f"{n} {word}s"
+
+
+def _read_table(path: Path, columns: Sequence[str], what: str) -> pd.DataFrame:
+    """Read a CSV of strings (blanks stay ''), raising a one-line error if it is empty or lacks `columns`."""
+    try:
+        table = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise ManifestError(f"'{path}' is empty; expected {what} with columns {list(columns)}") from None
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise ManifestError(
+            f"'{path}' lacks columns {missing}; expected {what} with columns {list(columns)}, "
+            f"it has {list(table.columns)}"
+        )
+    if table.empty:
+        raise ManifestError(f"'{path}' has a header but no rows; expected one row per image")
+    return table
+
+
+def _check_unique_and_filled(table: pd.DataFrame, id_column: str, columns: Sequence[str], where: str) -> None:
+    """Raise if any of `columns` is blank or `id_column` repeats, naming the first offending values."""
+    for column in columns:
+        blank = table[column].isna() | (table[column].astype(str).str.strip() == "")
+        if blank.any():
+            first = (f"{id_column} {table.loc[blank, id_column].iloc[0]!r}" if column != id_column
+                     else f"data row {int(np.flatnonzero(blank.to_numpy())[0]) + 1}")
+            raise ManifestError(
+                f"{where} has {_plural(int(blank.sum()), 'row')} with a blank {column}, e.g. {first}; "
+                f"every image needs a {column}"
+            )
+    repeated = table[id_column][table[id_column].duplicated(keep=False)]
+    if len(repeated):
+        counts = repeated.value_counts(sort=False)  # in file order: the first repeats are named first
+        first = ", ".join(f"{v!r} ({n}x)" for v, n in counts.head(3).items())
+        raise ManifestError(
+            f"{where} repeats {_plural(len(counts), id_column)} ({len(repeated)} rows), e.g. {first}; "
+            f"each {id_column} must be unique"
+        )
+
+
+def check_labels(
+    labels: pd.Series,
+    where: str,
+    classes: Sequence[str] | None = None,
+    malignant_classes: Sequence[str] | None = None,
+    min_images: int = MIN_IMAGES_PER_CLASS,
+) -> dict[str, int]:
+    """Check image labels against the expected classes and the malignant ones; return the count per class.
+
+    With `classes`, a label outside it is an error; without, the classes found are logged with their counts.
+    Either way a name in `malignant_classes` that is not a class is an error (a typo would otherwise drop that
+    class from the malignant AUC and the referral threshold), and classes under `min_images` get a warning.
+    """
+    labels = labels.astype(str)
+    blank = labels.str.strip() == ""
+    if blank.any():
+        raise ManifestError(f"{_plural(int(blank.sum()), 'image')} in {where} have a blank label")
+    counts = labels.value_counts().sort_index()
+    if classes is not None:
+        unknown = counts[~counts.index.isin(list(classes))]
+        if len(unknown):
+            names = ", ".join(f"'{c}' ({_plural(int(n), 'image')})" for c, n in unknown.items())
+            raise ManifestError(
+                f"unknown {'class' if len(unknown) == 1 else 'classes'} {names} in {where}; "
+                f"expected one of {', '.join(classes)}"
+            )
+        absent = [c for c in classes if c not in counts.index]
+        if absent:
+            log.warning("listed classes with no images in %s: %s", where, ", ".join(absent))
+    known = list(classes) if classes is not None else list(counts.index)
+    if malignant_classes is not None:
+        wrong = [c for c in malignant_classes if c not in known]
+        if wrong:
+            raise ManifestError(
+                f"malignant_classes names {', '.join(repr(c) for c in wrong)}, which "
+                f"{'is not a class' if len(wrong) == 1 else 'are not classes'} in {where}; "
+                f"classes: {', '.join(known)}"
+            )
+    log.info("classes in %s: %s", where, ", ".join(f"{c} {n}" for c, n in counts.items()))
+    small = counts[counts < min_images]
+    if len(small):
+        log.warning(
+            "classes with fewer than %d images in %s: %s; their test metrics will be noise",
+            min_images, where, ", ".join(f"{c} ({n})" for c, n in small.items()),
+        )
+    return {str(c): int(n) for c, n in counts.items()}
+
+
 def ingest_ham10000(
     root: str | Path,
     metadata: str | Path | None = None,
     images: list[str | Path] | None = None,
-    malignant_classes: tuple[str, ...] = DEFAULT_MALIGNANT,
+    malignant_classes: Sequence[str] | None = None,
+    classes: Sequence[str] | None = None,
 ) -> pd.DataFrame:
-    """Manifest rows for the HAM10000/ISIC layout: `metadata.csv` (image_id, lesion_id, dx, ...) + image folder(s)."""
+    """Manifest rows for the HAM10000/ISIC layout: `metadata.csv` (image_id, lesion_id, dx, ...) + image folder(s).
+
+    `classes` and `malignant_classes`, when given, are checked against the `dx` values (see `check_labels`);
+    the `malignant` column uses `malignant_classes` or the HAM10000 default (mel, bcc, akiec).
+    """
     root = Path(root)
     metadata_path = Path(metadata) if metadata else root / "metadata.csv"
     if not metadata_path.is_file():
         raise ManifestError(
             f"HAM10000 metadata '{metadata_path}' does not exist; expected metadata.csv with {HAM10000_COLUMNS}"
         )
-    meta = pd.read_csv(metadata_path, dtype={"image_id": str, "lesion_id": str})
-    missing = [c for c in HAM10000_COLUMNS if c not in meta.columns]
-    if missing:
-        raise ManifestError(f"'{metadata_path}' lacks columns {missing}; HAM10000 metadata needs {HAM10000_COLUMNS}")
+    meta = _read_table(metadata_path, HAM10000_COLUMNS, "HAM10000 metadata")
+    _check_unique_and_filled(meta, "image_id", HAM10000_COLUMNS, f"'{metadata_path}'")
+    check_labels(meta.dx, f"'{metadata_path}'", classes, malignant_classes)
     index = _index_images([Path(p) for p in images] if images else [root / "images"])
     absent = [i for i in meta.image_id if i not in index]
     if absent:
@@ -110,38 +209,90 @@ def ingest_ham10000(
         {
             "image_id": meta.image_id,
             "path": [str(index[i]) for i in meta.image_id],
-            "label": meta.dx.astype(str),
-            "group": meta.lesion_id.astype(str),
+            "label": meta.dx,
+            "group": meta.lesion_id,
             "split": "",
             "source": "real",
         }
     )
-    df["malignant"] = df.label.isin(malignant_classes).astype(int)
+    malignant = DEFAULT_MALIGNANT if malignant_classes is None else tuple(malignant_classes)
+    df["malignant"] = df.label.isin(malignant).astype(int)
+    # Read as text so that blanks are caught above; numbers keep their type in the manifest.
+    typed = pd.read_csv(metadata_path, usecols=lambda c: c in ("dx_type", "age", "sex", "localization"))
     for column in ("dx_type", "age", "sex", "localization"):
-        if column in meta.columns:
-            df[column] = meta[column].values
+        if column in typed.columns:
+            df[column] = typed[column].values
     return df
 
 
-def ingest_class_folders(root: str | Path, groups_csv: str | Path | None = None) -> pd.DataFrame:
-    """Manifest rows for `root/<class>/<image>`; groups from `groups.csv` (image_id,group) or the file stem."""
+def _folder_image_ids(root: Path, files: list[Path]) -> list[str]:
+    """Image ids for `root/<class>/<file>`: the file stem, or the relative path where stems collide.
+
+    A stem found once in the dataset is the id (`ISIC_0024306`), as HAM10000/ISIC names are. Files sharing a stem
+    get their path relative to the root without the extension (`a/img1`, `b/img1`), or with it where that still
+    collides (`a/img1.jpg`, `a/img1.png`). Ids thus only depend on the files, not on the order they are read in.
+    """
+    stems = Counter(f.stem for f in files)
+    relative = [f.relative_to(root) for f in files]
+    without_suffix = Counter(r.with_suffix("").as_posix() for r in relative)
+    ids = []
+    for file, rel in zip(files, relative):
+        if stems[file.stem] == 1:
+            ids.append(file.stem)
+        elif without_suffix[rel.with_suffix("").as_posix()] == 1:
+            ids.append(rel.with_suffix("").as_posix())
+        else:
+            ids.append(rel.as_posix())
+    return ids
+
+
+def _read_groups(groups_path: Path, image_ids: pd.Series) -> pd.Series:
+    """The `group` of each image from `groups.csv` (image_id,group); unlisted images are their own group."""
+    groups = _read_table(groups_path, ["image_id", "group"], "a groups file")
+    _check_unique_and_filled(groups, "image_id", ["image_id", "group"], f"'{groups_path}'")
+    folder_ids = {i.rsplit("/", 1)[-1] for i in image_ids if "/" in i}
+    ambiguous = sorted((set(groups.image_id) - set(image_ids)) & folder_ids)
+    if ambiguous:
+        raise ManifestError(
+            f"'{groups_path}' names image_id {ambiguous[0]!r}, which several class folders hold; "
+            f"use the id with its folder, e.g. {next(i for i in image_ids if i.endswith('/' + ambiguous[0]))!r}"
+        )
+    unmatched = sorted(set(groups.image_id) - set(image_ids))
+    if unmatched:
+        log.warning("%d image_ids in '%s' match no image, e.g. '%s'", len(unmatched), groups_path, unmatched[0])
+    return image_ids.map(groups.set_index("image_id")["group"]).fillna(image_ids)
+
+
+def ingest_class_folders(
+    root: str | Path,
+    groups_csv: str | Path | None = None,
+    classes: Sequence[str] | None = None,
+    malignant_classes: Sequence[str] | None = None,
+) -> pd.DataFrame:
+    """Manifest rows for `root/<class>/<image>`; groups from `groups.csv` (image_id,group) or the image id.
+
+    Image ids are file stems, made unique with the class folder where stems repeat (see `_folder_image_ids`).
+    `classes` and `malignant_classes`, when given, are checked against the folder names (see `check_labels`).
+    """
     root = Path(root)
     if not root.is_dir():
         raise ManifestError(f"dataset folder '{root}' does not exist")
-    rows = []
+    files, labels = [], []
     for class_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         for file in sorted(class_dir.iterdir()):
             if file.suffix.lower() in IMAGE_SUFFIXES:
-                rows.append({"image_id": file.stem, "path": str(file.resolve()), "label": class_dir.name})
-    if not rows:
+                files.append(file)
+                labels.append(class_dir.name)
+    if not files:
         raise ManifestError(f"'{root}' has no <class>/<image> files ({sorted(IMAGE_SUFFIXES)})")
-    df = pd.DataFrame(rows)
+    df = pd.DataFrame(
+        {"image_id": _folder_image_ids(root, files), "path": [str(f.resolve()) for f in files], "label": labels}
+    )
+    check_labels(df.label, f"'{root}'", classes, malignant_classes)
     groups_path = Path(groups_csv) if groups_csv else root / "groups.csv"
-    if groups_path.is_file():
-        groups = pd.read_csv(groups_path, dtype=str).set_index("image_id")["group"]
-        df["group"] = df.image_id.map(groups).fillna(df.image_id)
-    else:
-        df["group"] = df.image_id
+    if groups_csv and not groups_path.is_file():
+        raise ManifestError(f"groups file '{groups_path}' does not exist; expected a CSV with image_id,group")
+    df["group"] = _read_groups(groups_path, df.image_id) if groups_path.is_file() else df.image_id
     df["split"], df["source"] = "", "real"
     return df
 
@@ -154,7 +305,20 @@ def grouped_split(
         raise ManifestError(f"split fractions val={val_fraction}, test={test_fraction} must be in (0, 1) and sum < 1")
     from sklearn.model_selection import StratifiedGroupKFold
 
+    _check_unique_and_filled(df, "image_id", ["image_id", "group", "label"], "the images to split")
     df = df.copy()
+    df["group"] = df.group.astype(str)
+    names = ["train", "val", "test"] if test_fraction > 0 else ["train", "val"]
+    # Every class needs a group in every split, or a split (usually test) silently lacks it.
+    per_class = df.groupby("label")["group"].nunique().sort_values()
+    too_few = per_class[per_class < len(names)]
+    if len(too_few):
+        label, n = too_few.index[0], int(too_few.iloc[0])
+        raise ManifestError(
+            f"class '{label}' has {_plural(int((df.label == label).sum()), 'image')} in {_plural(n, 'group')}; "
+            f"a grouped {'/'.join(names)} split needs at least {len(names)} groups per class"
+            + (f" ({len(too_few)} classes are short)" if len(too_few) > 1 else "")
+        )
     # One label per group (its most frequent one) so that stratification works at the group level.
     group_label = df.groupby("group")["label"].agg(lambda s: s.value_counts().index[0])
     labels = df.group.map(group_label).to_numpy()
@@ -164,6 +328,15 @@ def grouped_split(
     def carve(mask: np.ndarray, fraction: float, name: str, rng_seed: int) -> None:
         n_folds = max(2, int(round(1 / fraction)))
         idx = np.flatnonzero(mask)
+        n_groups = len(set(groups[idx]))
+        largest = pd.Series(labels[idx]).value_counts()
+        # StratifiedGroupKFold's own needs: n_folds groups, and n_folds images in at least one class.
+        if n_groups < n_folds or largest.iloc[0] < n_folds:
+            raise ManifestError(
+                f"{_plural(len(idx), 'image')} in {_plural(n_groups, 'group')} (the largest class, "
+                f"'{largest.index[0]}', has {largest.iloc[0]}) are too few for a {fraction:.0%} grouped {name} split: "
+                f"it needs at least {n_folds} groups and {n_folds} images of one class"
+            )
         splitter = StratifiedGroupKFold(n_splits=n_folds, shuffle=True, random_state=rng_seed)
         _, held = next(splitter.split(idx, labels[idx], groups[idx]))
         split[idx[held]] = name

@@ -239,7 +239,13 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
     from models.registry import build_model, default_normalization
     from models.scmil import SCMILLoss, beta_schedule
     from pipelines.bags import build_bag_manifest, cached_bag_features, write_bag_manifest
-    from pipelines.evaluation import compute_metrics, referral_threshold, write_report
+    from pipelines.evaluation import (
+        bootstrap_intervals,
+        card_metrics,
+        compute_metrics,
+        referral_threshold,
+        write_report,
+    )
     from pipelines.manifest import class_names_of, manifest_sha256, write_manifest
     from pipelines.training import class_counts, fit, make_accelerator
 
@@ -340,10 +346,20 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
     calibration = fit_bag_calibration(val_logits, val_labels, settings.calibration)
     val_probs = calibrated_probs(val_logits, calibration)
     threshold = referral_threshold(val_labels, val_probs, class_names, malignant, settings.target_sensitivity)
+    op = threshold["threshold"] if threshold else None
     eval_split = "test" if len(datasets["test"]) else "val"
-    probs = predict_dataset_bags(model, datasets[eval_split], calibration=calibration)
-    labels = by_split[eval_split].label.map(index).to_numpy()
-    metrics = compute_metrics(labels, probs, class_names, malignant, threshold["threshold"] if threshold else None)
+    scored = {"validation": (val_labels, val_probs)}
+    if eval_split == "test":
+        scored["test"] = (by_split["test"].label.map(index).to_numpy(),
+                          predict_dataset_bags(model, datasets["test"], calibration=calibration))
+    # The card keeps each split's own metrics with 95 % bootstrap intervals, in the same shape as an image card's.
+    split_metrics = {}
+    for name, (labels, probs) in scored.items():
+        split_metrics[name] = compute_metrics(labels, probs, class_names, malignant, op)
+        intervals = bootstrap_intervals(labels, probs, class_names, malignant, op)
+        if intervals is not None:
+            split_metrics[name]["intervals"] = intervals
+    metrics = split_metrics["test" if eval_split == "test" else "validation"]
     card = {
         "task": "mil",
         "architecture": {"name": "scmil", "kwargs": kwargs},
@@ -354,9 +370,9 @@ def run_mil_stage(config, run_dir: str | Path, manifest_path: str | Path | None 
         "tiling": tiling.model_dump(mode="json"),
         "mil": {"method": mil.method, "schedule": mil.schedule, "temperature": mil.temperature},
         "calibration": calibration,
-        "operating_threshold": threshold["threshold"] if threshold else None,
+        "operating_threshold": op,
         "threshold_metrics": threshold,
-        "metrics": {"split": eval_split, **{k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}},
+        "metrics": {name: card_metrics(m) for name, m in split_metrics.items()},
         "manifest_sha256": manifest_sha256(slides_path),
         "training": {
             "epochs_run": len(result.history),

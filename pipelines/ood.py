@@ -243,10 +243,10 @@ def first_view_features(captured: list[torch.Tensor], n_images: int) -> np.ndarr
     return captured[0][:n_images].float().cpu().numpy()
 
 
-@torch.inference_mode()
 def dataset_features(model: nn.Module, dataset, batch_size: int = 32,
                      desc: str = "features") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """((N, D) penultimate features, (N, C) logits, (N,) labels) of one un-augmented view of each dataset item."""
+    """((N, D) penultimate features, (N, C) logits, (N,) labels) of one un-augmented view of each dataset item
+    (the layout change runs outside inference mode, so the model stays trainable afterwards)."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -258,7 +258,7 @@ def dataset_features(model: nn.Module, dataset, batch_size: int = 32,
         for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=desc, leave=False,
                                     disable=len(dataset) < 256):
             batch = images.to(device).contiguous(memory_format=torch.channels_last)
-            with head_inputs(model) as captured:
+            with torch.inference_mode(), head_inputs(model) as captured:
                 out = model(batch).float()
             features.append(first_view_features(captured, len(batch)))
             logits.append(out.cpu().numpy())

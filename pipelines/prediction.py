@@ -15,6 +15,7 @@ from PIL import Image
 
 from models.bundle import Bundle, load_bundle
 from pipelines.calibration import calibrated_probs
+from pipelines.export import onnx_net_of
 from pipelines.images import IMAGE_SUFFIXES, ImageError, ImageLimits, load_image
 from pipelines.ood import detector_of, first_view_features, head_inputs
 from pipelines.transforms import card_transform, dihedral_views
@@ -51,11 +52,12 @@ def view_logits(model: torch.nn.Module, batch: torch.Tensor, tta: int = 1) -> to
     return logits.transpose(0, 1)
 
 
-@torch.inference_mode()
 def dataset_logits(
     model: torch.nn.Module, dataset, tta: int = 1, batch_size: int = 8
 ) -> tuple[np.ndarray, np.ndarray]:
-    """((N, V, C) logits, (N,) labels) over a dataset of (image tensor, label) on the model's device."""
+    """((N, V, C) logits, (N,) labels) over a dataset of (image tensor, label) on the model's device.
+
+    The layout change runs outside inference mode, so the model's parameters stay trainable afterwards."""
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
@@ -68,7 +70,8 @@ def dataset_logits(
         for images, targets in tqdm(DataLoader(dataset, batch_size=batch_size), desc=f"predicting (tta {tta})",
                                     leave=False, disable=len(dataset) < 256):
             batch = images.to(device).contiguous(memory_format=torch.channels_last)
-            logits.append(view_logits(model, batch, tta).cpu().numpy())
+            with torch.inference_mode():
+                logits.append(view_logits(model, batch, tta).cpu().numpy())
             labels.append(np.asarray(targets))
     finally:
         model.to(memory_format=torch.contiguous_format)
@@ -87,15 +90,39 @@ def combine_members(member_probs: Sequence[np.ndarray], calibration: dict | None
 class _Member:
     """One network of a bundle with its own preprocessing, calibration and test-time augmentation."""
 
-    def __init__(self, bundle: Bundle, tta: int | None) -> None:
+    def __init__(self, bundle: Bundle, tta: int | None, engine: str = "auto") -> None:
         self.model = bundle.model
         self.transform = card_transform(bundle.card)
         self.calibration = bundle.card.get("calibration")
         self.tta = check_tta(int(tta)) if tta is not None else card_tta(bundle.card)
         self.device = next(bundle.model.parameters()).device
+        # The exported network under ONNX Runtime when the bundle carries one (CPU only); the eager one otherwise.
+        self.onnx = onnx_net_of(bundle.path, bundle.card, engine) if self.device.type == "cpu" else None
         # Channels-last convolutions run about twice as fast on CPU (benchmarks/train_throughput.py records it).
-        self.layout = torch.channels_last if self.device.type == "cpu" else torch.contiguous_format
+        cpu_eager = self.device.type == "cpu" and self.onnx is None
+        self.layout = torch.channels_last if cpu_eager else torch.contiguous_format
         self.model.to(memory_format=self.layout)
+
+    @property
+    def engine(self) -> str:
+        return "eager" if self.onnx is None else f"onnx ({self.onnx.path.name})"
+
+    def forward(self, batch: torch.Tensor, with_features: bool) -> tuple[torch.Tensor, np.ndarray | None]:
+        """((N, V, C) logits of the test-time views, (N, D) head-input features of the first view or None)."""
+        if self.onnx is None:
+            capture = head_inputs(self.model) if with_features else None
+            with capture or nullcontext() as captured:
+                logits = view_logits(self.model, batch, self.tta)
+            return logits, first_view_features(captured, len(batch)) if captured is not None else None
+        views = dihedral_views(batch) if check_tta(self.tta) == 8 else [batch]
+        stacked = torch.cat(views)
+        outputs = [self.onnx(stacked[i : i + MAX_FORWARD_BATCH]) for i in range(0, len(stacked), MAX_FORWARD_BATCH)]
+        logits = torch.cat([out[0] for out in outputs]).float().reshape(len(views), len(batch), -1).transpose(0, 1)
+        if not with_features:
+            return logits, None
+        if outputs[0][1] is None:
+            raise TypeError(f"{self.onnx.path} has no features output; the out-of-distribution score needs it")
+        return logits, torch.cat([out[1] for out in outputs])[: len(batch)].float().numpy()
 
 
 class Predictor:
@@ -105,14 +132,19 @@ class Predictor:
     `tta` overrides the number of test-time-augmentation views the bundle was validated with (its card's
     `inference.tta`); calibration and the operating threshold were fitted with the card's own setting.
     A bundle with an `ood` block also gives an out-of-distribution score per image (`predict_with_ood`).
+    `engine` picks the network: `auto` runs a bundle's exported ONNX file under ONNX Runtime when it has one (the
+    validated int8 file first), else the eager network; `eager`, `onnx` and `int8` force one (pipelines.export).
+    Grad-CAM and training always use the eager network (`bundle.model`).
     """
 
     def __init__(
-        self, bundle: Bundle, limits: ImageLimits | None = None, batch_size: int = 32, tta: int | None = None
+        self, bundle: Bundle, limits: ImageLimits | None = None, batch_size: int = 32, tta: int | None = None,
+        engine: str = "auto",
     ) -> None:
         self.bundle = bundle
         self.class_names = bundle.class_names
-        self.members = [_Member(member, tta) for member in (bundle.members or [bundle])]
+        self.members = [_Member(member, tta, engine) for member in (bundle.members or [bundle])]
+        self.engine = self.members[0].engine
         self.transform = self.members[0].transform
         self.tta = max(member.tta for member in self.members)
         self.limits = limits or ImageLimits(min_side=int(bundle.card.get("min_input_side", 32)))
@@ -127,9 +159,10 @@ class Predictor:
         self.combined_calibration = bundle.card.get("calibration") if bundle.members else None
 
     @classmethod
-    def from_path(cls, path: str | Path, device: str = "cpu", tta: int | None = None) -> "Predictor":
+    def from_path(cls, path: str | Path, device: str = "cpu", tta: int | None = None,
+                  engine: str = "auto") -> "Predictor":
         """Load the bundle at `path` and wrap it."""
-        return cls(load_bundle(path, device=device), tta=tta)
+        return cls(load_bundle(path, device=device), tta=tta, engine=engine)
 
     def predict(self, images: Sequence[Image.Image]) -> np.ndarray:
         """(N, C) calibrated class probabilities for RGB images."""
@@ -156,11 +189,9 @@ class Predictor:
                 batch = torch.stack([member.transform(im) for im in chunk]).to(member.device)
                 batch = batch.contiguous(memory_format=member.layout)
                 score_here = with_ood and index == 0
-                capture = head_inputs(member.model) if score_here and self.ood.block["method"] != "energy" else None
-                with self._lock, capture or nullcontext() as captured:
-                    logits = view_logits(member.model, batch, member.tta)
+                with self._lock:
+                    logits, features = member.forward(batch, score_here and self.ood.block["method"] != "energy")
                 if score_here:
-                    features = first_view_features(captured, len(chunk)) if captured is not None else None
                     scores.append(self.ood.score(features, logits[:, 0].cpu().numpy()))
                 probs.append(calibrated_probs(logits.cpu().numpy(), member.calibration))
             outputs.append(combine_members(probs, self.combined_calibration).astype(np.float32))

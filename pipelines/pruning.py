@@ -659,14 +659,15 @@ def predict_probs(model: nn.Module, loader: Iterable[Any]) -> tuple[np.ndarray, 
 
 def accuracy_report(
     y_true: np.ndarray, probs: np.ndarray, class_names: list[str], malignant_classes: list[str],
-    minority_classes: list[str],
+    minority_classes: list[str], operating_threshold: float | None = None, n_boot: int = 0, seed: int = 0,
 ) -> dict[str, Any]:
-    """Balanced accuracy, malignant AUC, macro AUC and per-class / minority recalls."""
-    from pipelines.evaluation import compute_metrics
+    """Balanced accuracy, malignant AUC, macro AUC and per-class / minority recalls; with `n_boot` > 0 also their
+    95 % bootstrap intervals (`intervals`, from `pipelines.evaluation.bootstrap_intervals`)."""
+    from pipelines.evaluation import bootstrap_intervals, compute_metrics
 
-    metrics = compute_metrics(y_true, probs, class_names, malignant_classes)
+    metrics = compute_metrics(y_true, probs, class_names, malignant_classes, operating_threshold)
     recalls = {name: metrics["per_class"][name]["recall"] for name in class_names}
-    return {
+    report = {
         "balanced_accuracy": metrics["balanced_accuracy"],
         "malignant_auc": metrics.get("malignant_auc", float("nan")),
         "macro_auc": metrics["macro_auc"],
@@ -674,6 +675,12 @@ def accuracy_report(
         "minority_recall": float(np.mean([recalls[c] for c in minority_classes])) if minority_classes else float("nan"),
         "n": metrics["n"],
     }
+    if "at_operating_threshold" in metrics:
+        report["at_operating_threshold"] = metrics["at_operating_threshold"]
+    intervals = bootstrap_intervals(y_true, probs, class_names, malignant_classes, operating_threshold, n_boot, seed)
+    if intervals is not None:
+        report["intervals"] = intervals
+    return report
 
 
 def minority_classes_of(counts: list[int], class_names: list[str]) -> list[str]:
@@ -704,6 +711,8 @@ def parse_layer_ratios(items: Iterable[str]) -> dict[str, float]:
 def _settings_model():
     from pydantic import BaseModel, ConfigDict, Field
 
+    from pipelines.evaluation import BOOTSTRAP_RESAMPLES
+
     class PruningConfig(BaseModel):
         """The `pruning:` section of a run config (and the `lesionlab prune` flags)."""
 
@@ -727,6 +736,7 @@ def _settings_model():
         eval_split: str = "test"
         target_sensitivity: float = Field(0.9, gt=0, le=1)
         speed_runs: int = Field(50, ge=1)
+        bootstrap: int = Field(BOOTSTRAP_RESAMPLES, ge=0, description="resamples of the 95 % intervals; 0: none")
         seed: int = 0
 
     return PruningConfig
@@ -763,7 +773,8 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     from pipelines.calibration import calibrate_and_score, calibration_method_of
     from pipelines.config import TrainSettings
     from pipelines.data import ImageDataset
-    from pipelines.manifest import read_manifest
+    from pipelines.evaluation import add_score_intervals, check_training_overlap, paired_bootstrap_delta, source_metrics
+    from pipelines.manifest import manifest_sha256, read_manifest
     from pipelines.prediction import card_tta
     from pipelines.training import class_counts, fit
     from pipelines.transforms import card_transform, train_transform
@@ -790,12 +801,18 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     calibration = [x for x, _ in DataLoader(ImageDataset(calib_rows, class_names, evaluate), batch_size=32)]
     norm_rows = train_df.sample(n=min(settings.batchnorm_images, len(train_df)), random_state=settings.seed)
     batchnorm = [x for x, _ in DataLoader(ImageDataset(norm_rows, class_names, evaluate), batch_size=64)]
-    eval_loader = DataLoader(ImageDataset(eval_df, class_names, evaluate, cache_images=True), batch_size=64)
+    eval_ds = ImageDataset(eval_df, class_names, evaluate, cache_images=True)
     counts = class_counts(train_df.label, class_names)
     minority = minority_classes_of(counts, class_names)
+    scored = manifest[manifest.split.isin(["val", settings.eval_split]) & (manifest.source == "real")]
+    overlap = check_training_overlap(bundle_dir, card, scored, "validation and evaluation", [manifest_path])
 
+    # Before and after are scored as each bundle serves: its own test-time augmentation and calibration, so the
+    # "before" column is what evaluating the source bundle gives and the "after" column what the card says.
+    before_labels, before_probs = served_probs(model, eval_ds, card.get("calibration"), card_tta(card))
     before = {**measure_model(model, size, runs=settings.speed_runs),
-              "accuracy": accuracy_report(*_flip(predict_probs(model, eval_loader)), class_names, malignant, minority)}
+              "accuracy": accuracy_report(before_labels, before_probs, class_names, malignant, minority,
+                                          card.get("operating_threshold"), settings.bootstrap)}
     out_dir = Path(out_dir)
     training = card.get("training", {})
     weighting = training.get("class_weighting", "effective")
@@ -830,8 +847,6 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
                             batchnorm_batches=batchnorm, round_to=settings.round_to,
                             layer_ratios=settings.layer_ratios)
     model = result.model.cpu().eval()
-    after = {**measure_model(model, size, runs=settings.speed_runs),
-             "accuracy": accuracy_report(*_flip(predict_probs(model, eval_loader)), class_names, malignant, minority)}
 
     new_card = json_copy(card)
     new_card["architecture"]["channel_plan"] = extract_channel_plan(model)
@@ -843,20 +858,38 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
         else None,
         class_names, malignant, card_tta(card), calibration_method_of(card), settings.target_sensitivity,
     )
+    add_score_intervals(scores, class_names, malignant, settings.bootstrap)
     threshold = scores.threshold
-    new_card["operating_threshold"] = threshold["threshold"] if threshold else None
+    op = threshold["threshold"] if threshold else None
+    if scores.test_metrics is not None:
+        after_labels, after_probs = scores.test_labels, scores.test_probs
+    elif eval_df is val_df or settings.eval_split == "val":
+        after_labels, after_probs = scores.val_labels, scores.val_probs
+    else:
+        after_labels, after_probs = served_probs(model, eval_ds, scores.calibration, scores.tta)
+    after = {**measure_model(model, size, runs=settings.speed_runs),
+             "accuracy": accuracy_report(after_labels, after_probs, class_names, malignant, minority, op,
+                                         settings.bootstrap)}
+    y_malignant = np.isin(np.asarray(class_names)[after_labels], malignant)
+    delta = None
+    if settings.bootstrap and np.array_equal(before_labels, after_labels) and 0 < y_malignant.sum() < len(y_malignant):
+        delta = paired_bootstrap_delta(after_labels, before_probs, after_probs, class_names, malignant,
+                                       settings.bootstrap)
+    new_card["operating_threshold"] = op
     new_card["threshold_metrics"] = threshold
     new_card["calibration"] = scores.calibration
     new_card["inference"] = {"tta": scores.tta}
-    unpruned = {k: v for k, v in card.get("metrics", {}).items() if k in ("validation", "test")}
-    new_card["metrics"] = {**scores.card_metrics(), "before_pruning": unpruned}
-    new_card.setdefault("metrics", {})[f"pruned_{settings.eval_split}"] = after["accuracy"]
+    # The card's metrics are the pruned net's own; the source bundle's go apart, with its hash.
+    new_card["metrics"] = scores.card_metrics()
+    new_card["source_metrics"] = source_metrics(bundle_dir, card)
+    new_card["manifest_sha256"] = manifest_sha256(manifest_path)  # fine-tuned on this manifest's training rows
     report = {
-        "settings": settings.model_dump(), "source_bundle": str(bundle_dir), "manifest": str(manifest_path),
+        "settings": settings.model_dump(), "source_bundle": str(bundle_dir),
+        "source_bundle_sha256": new_card["source_metrics"]["bundle_sha256"], "manifest": str(manifest_path),
         "calibration_counts": calib_rows.label.value_counts().sort_index().to_dict(),
         "minority_classes": minority, "eval_split": settings.eval_split, "stages": result.stages,
-        "before": before, "after": after, "flops_reduction": result.flops_reduction,
-        "speedup_p50": before["latency_ms_p50"] / after["latency_ms_p50"],
+        "before": before, "after": after, "delta": delta, "training_overlap": overlap,
+        "flops_reduction": result.flops_reduction, "speedup_p50": before["latency_ms_p50"] / after["latency_ms_p50"],
     }
     new_card["pruning"] = {k: report[k] for k in ("flops_reduction", "stages", "speedup_p50")} | {
         "method": settings.method, "base_flops": result.base_flops, "flops": result.flops}
@@ -865,9 +898,17 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     return report
 
 
-def _flip(pair: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    probs, labels = pair
-    return labels, probs
+def served_probs(model: nn.Module, dataset: Any, calibration: dict[str, Any] | None, tta: int
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of `model` on `dataset` as a bundle serves them: its test-time augmentation views,
+    each calibrated, averaged (the predictor's recipe)."""
+    from pipelines.calibration import calibrated_probs
+    from pipelines.prediction import dataset_logits
+
+    # On a copy: scoring runs in inference mode, and its layout changes would leave `model`'s parameters as
+    # inference tensors that the fine-tuning after it cannot train.
+    logits, labels = dataset_logits(copy.deepcopy(model), dataset, tta)
+    return labels, calibrated_probs(logits, calibration)
 
 
 def json_copy(value: Any) -> Any:
@@ -881,6 +922,11 @@ def write_pruning_report(report: dict, out_dir: Path) -> Path:
     """`pruning_report.json` and a short `pruning_report.md` table (before / after)."""
     import json
 
+    from pipelines.evaluation import interval_text, training_overlap_lines
+
+    def ci(side: dict) -> dict:
+        return side["accuracy"].get("intervals") or {}
+
     (out_dir / "pruning_report.json").write_text(json.dumps(report, indent=2, default=float))
     b, a = report["before"], report["after"]
     rows = [
@@ -890,16 +936,30 @@ def write_pruning_report(report: dict, out_dir: Path) -> Path:
         ("CPU latency p50 (batch 1)", f"{b['latency_ms_p50']:.1f} ms", f"{a['latency_ms_p50']:.1f} ms"),
         ("CPU throughput (batch 32)", f"{b['throughput_images_per_s']:.0f} img/s",
          f"{a['throughput_images_per_s']:.0f} img/s"),
-        ("balanced accuracy", f"{b['accuracy']['balanced_accuracy']:.3f}", f"{a['accuracy']['balanced_accuracy']:.3f}"),
-        ("malignant AUC", f"{b['accuracy']['malignant_auc']:.3f}", f"{a['accuracy']['malignant_auc']:.3f}"),
+        ("balanced accuracy", *(f"{x['accuracy']['balanced_accuracy']:.3f}"
+                                f"{interval_text(ci(x).get('balanced_accuracy'))}" for x in (b, a))),
+        ("malignant AUC", *(f"{x['accuracy']['malignant_auc']:.3f}{interval_text(ci(x).get('malignant_auc'))}"
+                            for x in (b, a))),
         ("minority recall (" + ", ".join(report["minority_classes"]) + ")",
          f"{b['accuracy']['minority_recall']:.3f}", f"{a['accuracy']['minority_recall']:.3f}"),
     ]
-    rows += [(f"recall {c}", f"{b['accuracy']['recall'][c]:.3f}", f"{a['accuracy']['recall'][c]:.3f}")
-             for c in b["accuracy"]["recall"]]
+    rows += [(f"recall {c}", *(f"{x['accuracy']['recall'][c]:.3f}{interval_text(ci(x).get('recall', {}).get(c))}"
+                               for x in (b, a))) for c in b["accuracy"]["recall"]]
     lines = [f"# Pruning report ({report['settings']['method']}, {report['flops_reduction']:.1%} fewer FLOPs)", "",
-             f"Evaluated on the `{report['eval_split']}` split ({b['accuracy']['n']} images).", "",
+             *training_overlap_lines(report.get("training_overlap")),
+             f"Evaluated on the `{report['eval_split']}` split ({b['accuracy']['n']} images), each bundle with its "
+             "own calibration and test-time augmentation.", "",
              "| | before | after |", "|---|---|---|", *[f"| {r[0]} | {r[1]} | {r[2]} |" for r in rows]]
+    intervals = ci(a) or ci(b)
+    if intervals:
+        lines += ["", f"[low, high]: {100 * intervals['confidence']:.0f} % {intervals['method']} "
+                  f"({intervals['n_boot']} resamples, seed {intervals['seed']})."]
+    if report.get("delta"):
+        d = report["delta"]
+        lines += ["", "Change after - before, 95 % paired bootstrap on the same images: balanced accuracy "
+                  f"{d['balanced_accuracy']['delta']:+.3f} [{d['balanced_accuracy']['low']:+.3f}, "
+                  f"{d['balanced_accuracy']['high']:+.3f}], malignant AUC {d['malignant_auc']['delta']:+.3f} "
+                  f"[{d['malignant_auc']['low']:+.3f}, {d['malignant_auc']['high']:+.3f}]."]
     path = out_dir / "pruning_report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
@@ -929,7 +989,8 @@ def _cmd_prune(args: Any) -> None:
               "distill_temperature": args.distill_temperature,
               "distill_class_weighted": args.distill_class_weighted, "fine_tune_epochs": args.epochs,
               "fine_tune_lr": args.lr, "batch_size": args.batch_size, "max_steps_per_epoch": args.max_steps_per_epoch,
-              "eval_split": args.eval_split, "seed": args.seed, "speed_runs": args.speed_runs}
+              "eval_split": args.eval_split, "seed": args.seed, "speed_runs": args.speed_runs,
+              "bootstrap": args.bootstrap}
     try:
         fields["layer_ratios"] = parse_layer_ratios(args.layer_ratio) if args.layer_ratio else None
         settings = load_pruning_config({k: v for k, v in fields.items() if v is not None})
@@ -982,5 +1043,7 @@ def add_cli(subparsers: Any) -> None:
     p.add_argument("--max-steps-per-epoch", type=int)
     p.add_argument("--eval-split", help="split the before/after report uses (default test)")
     p.add_argument("--speed-runs", type=int, help="latency runs (default 50)")
+    p.add_argument("--bootstrap", type=int, help="bootstrap resamples of the report's 95 %% intervals (default 1000; "
+                   "0: none)")
     p.add_argument("--seed", type=int)
     p.set_defaults(func=_cmd_prune)

@@ -170,6 +170,43 @@ def _check_resolution(pipe: Any, resolution: int) -> None:
         raise ValueError(f"resolution {resolution} must be a multiple of {multiple} for this FLUX VAE")
 
 
+def _fits(tokenizer: Any, text: str, limit: int) -> bool:
+    # Tokenised with truncation one past the limit: enough to tell, and no over-length warning from the tokenizer.
+    return len(tokenizer(text, truncation=True, max_length=limit + 1).input_ids) <= limit
+
+
+def fit_caption(caption: str, tokenizer: Any, limit: int) -> str:
+    """The longest word-boundary prefix of `caption` that `tokenizer` encodes in at most `limit` tokens (special
+    tokens included); the caption itself when it fits."""
+    if _fits(tokenizer, caption, limit):
+        return caption
+    words = caption.split()
+    low, high = 0, len(words)
+    while low < high:  # binary search on the number of words kept
+        middle = (low + high + 1) // 2
+        if _fits(tokenizer, " ".join(words[:middle]), limit):
+            low = middle
+        else:
+            high = middle - 1
+    return " ".join(words[:low])
+
+
+def fit_captions_to_pipe(pipe: Any, captions: Sequence[str], max_sequence_length: int) -> list[str]:
+    """Captions cut (once, at word boundaries) to what FLUX's text encoders take — CLIP's 77 tokens and T5's
+    `max_sequence_length` — so that the pipeline never truncates them itself (with a warning per caption)."""
+    limits = [(getattr(pipe, "tokenizer", None), getattr(pipe, "tokenizer_max_length", 77)),
+              (getattr(pipe, "tokenizer_2", None), max_sequence_length)]
+    limits = [(tokenizer, limit) for tokenizer, limit in limits if tokenizer is not None]
+    fitted = list(captions)
+    for tokenizer, limit in limits:
+        fitted = [fit_caption(caption, tokenizer, limit) for caption in fitted]
+    cut = sum(a != b for a, b in zip(fitted, captions, strict=True))
+    if cut:
+        log.info("%d of %d captions are longer than the text encoders take (%s tokens) and were cut at a word "
+                 "boundary to fit", cut, len(fitted), " / ".join(str(limit) for _, limit in limits))
+    return fitted
+
+
 @dataclass
 class FinetuneResult:
     """What `finetune_lora` produced: the LoRA file, the step reached, the loss per step and the trained model."""
@@ -223,7 +260,7 @@ def finetune_lora(manifest: pd.DataFrame, out_dir: str | Path, settings: Finetun
 
     # Cache the VAE latent distributions and the prompt embeddings once; the encoders are not needed afterwards.
     moments, prompt_embeds, pooled_embeds = [], [], []
-    captions = rows.caption.astype(str).tolist()
+    captions = fit_captions_to_pipe(pipe, rows.caption.astype(str).tolist(), settings.max_sequence_length)
     with torch.no_grad():
         pairs = zip(rows.path, captions, strict=True)
         quiet = not accelerator.is_local_main_process
@@ -677,6 +714,9 @@ def synthesize(
     )
     quality = QualityFilter(settings.quality_bundle, settings.quality_confidence) if settings.quality_bundle else None
     pools = {label: _prompt_pool(manifest, label) for label in plan}
+    prompts = [prompt for pool in pools.values() for prompt in pool]
+    fitted = iter(fit_captions_to_pipe(pipe, prompts, settings.max_sequence_length))
+    pools = {label: [next(fitted) for _ in pool] for label, pool in pools.items()}
     rng = np.random.default_rng(settings.seed)
     image_dir, parts = out_dir / "images", out_dir / "parts"
     accepted_rows: list[dict[str, Any]] = []
@@ -766,6 +806,9 @@ def synthesize(
             for r in accepted_rows
         ]
     )
+    if len(new_rows):
+        # Nullable integers: concatenated with real rows (no seed), plain ints would become floats ("1000000.0").
+        new_rows["seed"] = new_rows["seed"].astype("Int64")
     new_rows = _with_label_columns(manifest, new_rows)
     if accelerator.is_main_process:
         out_dir.mkdir(parents=True, exist_ok=True)

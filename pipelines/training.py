@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from models.registry import architecture_kwargs
 from pipelines.config import RunConfig, TrainSettings
 from pipelines.ood import OODDetector
 
@@ -203,8 +204,9 @@ def fit(
 
     With `settings.ema_decay` > 0 an exponential moving average of the weights (buffers included) is kept; it is
     what is validated, selected and returned; the raw weights of the selected epoch go to
-    `checkpoints/best_raw.safetensors` and those of the last epoch to `checkpoints/last_raw.safetensors`. With `settings.time_budget_minutes` and `settings.schedule_to_budget`
-    the first epoch's duration fixes how many epochs fit the budget, and the cosine decays to 0 at their end.
+    `checkpoints/best_raw.safetensors` and those of the last epoch to `checkpoints/last_raw.safetensors`. With
+    `settings.time_budget_minutes` and `settings.schedule_to_budget` the first epoch's duration fixes how many epochs
+    fit the budget, and the cosine decays to 0 at their end.
     `on_epoch_start(epoch, total_epochs)` lets a task change per-epoch state (SC-MIL's β schedule);
     `loss_forward(model, batch, epoch)` replaces `loss_fn(forward(...))` for losses that need more than logits.
     A run directory that holds `checkpoints/last` is resumed when `settings.resume` is true.
@@ -438,8 +440,9 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     from pipelines.balancing import build_loss, build_sampler
     from pipelines.calibration import calibrate_and_score
     from pipelines.data import ImageDataset
-    from pipelines.evaluation import save_plots, save_reliability_comparison, write_report
+    from pipelines.evaluation import add_score_intervals, save_plots, save_reliability_comparison, write_report
     from pipelines.manifest import SPLITS, class_names_of, manifest_sha256, read_manifest
+    from pipelines.provenance import code_version
     from pipelines.transforms import eval_transform, train_transform
 
     run_dir = Path(run_dir)
@@ -467,6 +470,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         model_cfg.img_size,
         checkpoint=model_cfg.checkpoint,
         pretrained=model_cfg.pretrained,
+        **({"pretrained_path": model_cfg.pretrained_path} if model_cfg.pretrained_path else {}),
         **model_cfg.kwargs,
     )
     cache_dir = run_dir / "image_cache" if settings.cache_images else None
@@ -524,6 +528,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     test_ds = ImageDataset(test_df, class_names, evaluate, cache_dir=cache_dir) if len(test_df) else None
     scores = calibrate_and_score(model, val_ds, test_ds, class_names, malignant, settings.tta, settings.calibration,
                                  settings.target_sensitivity, logits_out=report_dir / "logits.npz")
+    add_score_intervals(scores, class_names, malignant)  # 95 % bootstrap intervals for the card and the report
     ood = fit_training_ood(model, train_df, val_ds, class_names, evaluate, settings.seed)
     source_counts = {
         name: {src: int(((train_df.label == name) & (train_df.source == src)).sum()) for src in ("real", "synthetic")}
@@ -531,7 +536,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     }
     card: dict[str, Any] = {
         "task": "image",
-        "architecture": {"name": model_cfg.name, "kwargs": dict(model_cfg.kwargs)},
+        "architecture": {"name": model_cfg.name, "kwargs": architecture_kwargs(model, model_cfg.kwargs)},
         "class_names": class_names,
         "malignant_classes": malignant,
         "input_size": model_cfg.img_size,
@@ -564,8 +569,16 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
             "seed": settings.seed,
             "data": Path(config.data.root).name if config.data.format != "manifest" else Path(
                 config.data.manifest or "").name,
+            "optimizer": "adamw",
+            "scheduler": "linear warm-up over warmup_epochs, then cosine decay to 0 at epochs_planned",
+            "img_size": model_cfg.img_size,
+            "model_checkpoint": model_cfg.checkpoint,
+            "num_processes": accelerator.num_processes,  # the effective batch is batch_size x num_processes
         },
+        "code_version": code_version(),
     }
+    # Every other trainer setting (epochs, warm-up, patience, budget, loss parameters, mix_prob, ...), as configured.
+    card["training"].update({k: v for k, v in settings.model_dump(mode="json").items() if k not in card["training"]})
     extra = {
         "data": {"train_counts": source_counts},
         "history": result.history,

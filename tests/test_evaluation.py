@@ -17,6 +17,7 @@ from pipelines.evaluation import (
 )
 
 CLASSES = ["akiec", "bcc", "bkl", "df", "mel", "nv", "vasc"]
+MALIGNANT = ["mel", "bcc", "akiec"]
 
 
 @pytest.fixture
@@ -85,31 +86,31 @@ def test_shape_mismatch_is_an_error():
 
 def test_paired_bootstrap_delta_brackets_the_observed_change(random_predictions):
     y, probs = random_predictions
-    same = paired_bootstrap_delta(y, probs, probs, CLASSES, n_boot=50)
+    same = paired_bootstrap_delta(y, probs, probs, CLASSES, MALIGNANT, n_boot=50)
     assert all(same[k] == {"delta": 0.0, "low": 0.0, "high": 0.0} for k in same)
     rng = np.random.default_rng(0)
     noisy = 0.5 * probs + 0.5 * rng.dirichlet(np.ones(7), size=len(y))  # a clearly worse model
-    worse = paired_bootstrap_delta(y, probs, noisy, CLASSES, n_boot=200)
+    worse = paired_bootstrap_delta(y, probs, noisy, CLASSES, MALIGNANT, n_boot=200)
     bal = worse["balanced_accuracy"]
     expected = balanced_accuracy_score(y, noisy.argmax(1)) - balanced_accuracy_score(y, probs.argmax(1))
     assert bal["delta"] == pytest.approx(expected)
     assert bal["low"] <= bal["delta"] <= bal["high"]
     assert worse["malignant_auc"]["high"] < 0
     with pytest.raises(ValueError, match="300 cases"):
-        paired_bootstrap_delta(y, probs, probs[:10], CLASSES)
+        paired_bootstrap_delta(y, probs, probs[:10], CLASSES, MALIGNANT)
 
 
 def test_paired_bootstrap_delta_of_several_runs_is_the_mean_of_their_changes(random_predictions):
     y, probs = random_predictions
     rng = np.random.default_rng(1)
     runs = np.stack([0.5 * probs + 0.5 * rng.dirichlet(np.ones(7), size=len(y)) for _ in range(3)])
-    mean = paired_bootstrap_delta(y, probs, runs, CLASSES, n_boot=100)
-    singles = [paired_bootstrap_delta(y, probs, run, CLASSES, n_boot=100) for run in runs]
+    mean = paired_bootstrap_delta(y, probs, runs, CLASSES, MALIGNANT, n_boot=100)
+    singles = [paired_bootstrap_delta(y, probs, run, CLASSES, MALIGNANT, n_boot=100) for run in runs]
     for key in ("balanced_accuracy", "malignant_auc"):
         assert mean[key]["delta"] == pytest.approx(np.mean([one[key]["delta"] for one in singles]))
         assert mean[key]["low"] <= mean[key]["delta"] <= mean[key]["high"]
     # one run stacked is that run; a run count that does not match the cases is an error
-    one = paired_bootstrap_delta(y, probs, runs[:1], CLASSES, n_boot=100)
+    one = paired_bootstrap_delta(y, probs, runs[:1], CLASSES, MALIGNANT, n_boot=100)
     assert one == singles[0]
     with pytest.raises(ValueError, match="300 cases"):
-        paired_bootstrap_delta(y, probs, runs[:, :10], CLASSES)
+        paired_bootstrap_delta(y, probs, runs[:, :10], CLASSES, MALIGNANT)

@@ -198,6 +198,9 @@ def test_mil_run_writes_bag_manifest_and_card(mil_bundle):
     assert card["training"]["selected_epoch"] == 3 and card["training"]["epochs_run"] == 3
     # A handful of validation slides cannot fit a temperature: the card says so instead of over-fitting one.
     assert card["calibration"]["method"] == "none" and "validation slides" in card["calibration"]["reason"]
+    # Metrics per split (no test slides here), as on an image card, with their 95 % bootstrap intervals.
+    assert set(card["metrics"]) == {"validation"} and "intervals" in card["metrics"]["validation"]
+    assert "recall 95 % interval" in (run_dir / "report" / "report.md").read_text()
     assert len(list((run_dir / "mil" / "cache").glob("*.safetensors"))) == len(SLIDES)
 
 
