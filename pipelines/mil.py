@@ -503,14 +503,13 @@ def predict_slides_cli(args: argparse.Namespace) -> None:
 
 def _cmd_mil_train(args: argparse.Namespace) -> None:
     from pipelines.cli import load_run_config
-    from pipelines.config import dump_config
+    from pipelines.run import run_stage
 
     config, run_dir = load_run_config(args)
     if config.mil is None:
         raise ValueError(f"config '{args.config}' has no `mil:` section")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    dump_config(config, run_dir / "config.yaml")
-    outputs = run_mil_stage(config, run_dir, None)
+    # As the `run` mil stage: records the config attempt and the marker, discards checkpoints of other settings.
+    outputs = run_stage("mil", config, run_dir, None, force="lesionlab mil-train always trains").outputs
     print(f"bundle: {outputs['bundle']}\nreport: {outputs.get('report')}")
 
 

@@ -452,6 +452,10 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         if not (manifest.split == split).any():
             raise ValueError(f"manifest '{manifest_path}' has no '{split}' rows; run the split stage first")
     class_names = class_names_of(manifest[manifest.split.isin(SPLITS)])
+    unknown = [c for c in config.data.malignant_classes if c not in class_names]
+    if unknown:  # a typo would silently drop a class from the malignant AUC and the referral threshold
+        raise ValueError(f"data.malignant_classes names {', '.join(repr(c) for c in unknown)}, which is not a class "
+                         f"of manifest '{manifest_path}' (classes: {', '.join(class_names)})")
     train_df = manifest[manifest.split == "train"]
     val_df = manifest[(manifest.split == "val") & (manifest.source == "real")]
     test_df = manifest[(manifest.split == "test") & (manifest.source == "real")]
@@ -523,7 +527,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         return run_dir / "bundle"
 
     model = result.model.to(memory_format=torch.contiguous_format)
-    malignant = [c for c in config.data.malignant_classes if c in class_names]
+    malignant = list(config.data.malignant_classes)
     report_dir = run_dir / "report"
     test_ds = ImageDataset(test_df, class_names, evaluate, cache_dir=cache_dir) if len(test_df) else None
     scores = calibrate_and_score(model, val_ds, test_ds, class_names, malignant, settings.tta, settings.calibration,

@@ -210,3 +210,30 @@ def test_git_commit_is_read_without_git_and_is_none_outside_a_checkout(tmp_path)
     assert git_commit(tmp_path) == sha
     (tmp_path / ".git" / "refs" / "heads" / "main").write_text(sha.replace("0", "f") + "\n")
     assert git_commit(tmp_path) == sha.replace("0", "f")
+
+
+def test_mil_train_follows_a_changed_method_and_records_each_attempt(tmp_path):
+    """`lesionlab mil-train` used to resume the finished checkpoints whatever the config said."""
+    from tests.test_mil import _mil_config
+
+    config = _mil_config(tmp_path / "run", encoder="small-cnn").model_dump(mode="json")
+    config["training"]["epochs"] = 1
+    path = tmp_path / "mil.yaml"
+    path.write_text(yaml.safe_dump(config))
+    run_dir = tmp_path / "run"
+    assert main(["mil-train", "--config", str(path), "--run-dir", str(run_dir)]) == 0
+    assert _card(run_dir)["mil"]["method"] == "scmil"
+    assert main(["mil-train", "--config", str(path), "--run-dir", str(run_dir), "mil.method=abmil"]) == 0
+    assert _card(run_dir)["mil"]["method"] == "abmil"
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["mil"]["method"] == "abmil"
+    attempts = sorted((run_dir / "configs").glob("attempt-*.yaml"))
+    assert [yaml.safe_load(a.read_text())["mil"].get("method", "scmil") for a in attempts] == ["scmil", "abmil"]
+
+
+def test_train_on_a_manifest_refuses_a_misspelt_malignant_class(small_manifest, tmp_path, capsys):
+    config = _write_config(tmp_path / "c.yaml", small_manifest)
+    code = main(["train", "--config", str(config), "--run-dir", str(tmp_path / "r"), "--manifest",
+                 str(small_manifest), "data.malignant_classes=[mel,bcc,akeic]"])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "'akeic'" in err and err.count("\n") == 1
