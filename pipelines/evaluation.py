@@ -357,14 +357,31 @@ def source_metrics(bundle_dir: str | Path, card: dict[str, Any]) -> dict[str, An
 MAX_MANIFEST_BYTES = 512 * 1024 * 1024  # CSVs beside a bundle larger than this are not hashed in the search
 
 
+TRAINING_IMAGES_FILE = "training_images.csv"  # name (file stem) and label of each training image, in the bundle
+
+
+def write_training_images(bundle_dir: str | Path, train_rows: Any) -> Path:
+    """Record the names and labels of a bundle's training images in the bundle, so a copied bundle can still tell
+    when it is evaluated on them (image names only: no paths, no pixels)."""
+    import pandas as pd
+
+    path = Path(bundle_dir) / TRAINING_IMAGES_FILE
+    table = pd.DataFrame({"name": [Path(p).stem for p in train_rows.path], "label": list(train_rows.label)})
+    table.sort_values(["label", "name"]).to_csv(path, index=False)
+    return path
+
+
 def training_rows_of(bundle_dir: str | Path, card: dict[str, Any], candidates: Sequence[str | Path] = ()
                      ) -> tuple[Any, Path] | None:
-    """(training rows, manifest path) of the manifest a bundle was trained on, when it can be found: one of
+    """(training rows, where they were read) of the images a bundle was trained on, when they can be found: one of
     `candidates` or a CSV beside the bundle (a run directory's manifests) whose SHA-256 is the card's
-    `manifest_sha256`; None when the card records no hash or no such file is at hand."""
+    `manifest_sha256`, else the bundle's own `training_images.csv` (names and labels); None otherwise."""
+    import pandas as pd
+
     from pipelines.manifest import manifest_sha256, read_manifest
 
     digest = card.get("manifest_sha256")
+    own = Path(bundle_dir) / TRAINING_IMAGES_FILE
     if not digest:
         return None
     beside = sorted(Path(bundle_dir).resolve().parent.glob("*.csv"))
@@ -377,6 +394,9 @@ def training_rows_of(bundle_dir: str | Path, card: dict[str, Any], candidates: S
         if manifest_sha256(path) == digest:
             manifest = read_manifest(path)
             return manifest[manifest.split == "train"], path
+    if own.is_file():
+        table = pd.read_csv(own, dtype=str, keep_default_na=False)
+        return pd.DataFrame({"path": table["name"], "label": table["label"]}), own
     return None
 
 

@@ -440,7 +440,13 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     from pipelines.balancing import build_loss, build_sampler
     from pipelines.calibration import calibrate_and_score
     from pipelines.data import ImageDataset
-    from pipelines.evaluation import add_score_intervals, save_plots, save_reliability_comparison, write_report
+    from pipelines.evaluation import (
+        add_score_intervals,
+        save_plots,
+        save_reliability_comparison,
+        write_report,
+        write_training_images,
+    )
     from pipelines.manifest import SPLITS, class_names_of, manifest_sha256, read_manifest
     from pipelines.provenance import code_version
     from pipelines.transforms import eval_transform, train_transform
@@ -606,5 +612,6 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
     if ood is not None:
         card["ood"] = ood.block
     bundle_dir = save_bundle(run_dir / "bundle", model.cpu(), card, ood=ood.torch_tensors() if ood else None)
+    write_training_images(bundle_dir, train_df[train_df.source == "real"])
     log.info("bundle written to %s, report to %s", bundle_dir, report_dir / "report.md")
     return bundle_dir

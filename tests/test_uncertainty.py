@@ -264,6 +264,24 @@ def test_evaluating_training_images_warns_with_their_count(tiny_bundle, small_ma
     assert not [r for r in caplog.records if r.levelno == logging.WARNING and "to train" in r.getMessage()]
 
 
+def test_a_bundle_copied_alone_still_knows_its_training_images(tiny_bundle, small_manifest, tmp_path, caplog):
+    """Without its manifest beside it (as models/default_bundle ships), the bundle's training_images.csv tells."""
+    from pipelines.cli import main
+    from pipelines.manifest import read_manifest
+
+    alone = tmp_path / "shipped" / "bundle"
+    shutil.copytree(tiny_bundle, alone)
+    assert (alone / "training_images.csv").is_file()
+    manifest = read_manifest(small_manifest)
+    mixed = pd.concat([manifest[manifest.split == "train"].head(4), manifest[manifest.split == "val"].head(3)])
+    folder = image_folder(mixed, tmp_path / "elsewhere")
+    caplog.set_level(logging.INFO)
+    assert main(["evaluate", "--bundle", str(alone), "--data", str(folder), "--out", str(tmp_path / "r")]) == 0
+    assert any("4 of the 7 evaluated images were used to train" in r.getMessage() for r in caplog.records)
+    names = set(pd.read_csv(alone / "training_images.csv").name)
+    assert names == {Path(p).stem for p in manifest[manifest.split == "train"].path}
+
+
 def test_balancing_on_the_bundles_training_images_warns_and_keeps_the_source_apart(run_copy, tmp_path, caplog):
     from pipelines.balancing import balance_bundle
     from pipelines.manifest import read_manifest, write_manifest
