@@ -103,25 +103,46 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
 
 
 def _cmd_predict(args: argparse.Namespace) -> None:
-    from models.bundle import read_card
-    from pipelines.prediction import Predictor, list_images, write_predictions
+    from models.bundle import load_bundle, read_card
+    from pipelines.prediction import write_predictions
 
-    card = read_card(args.bundle)
-    if card.get("task") == "mil":
-        from models.bundle import load_bundle
-        from pipelines.mil import predict_slides
+    if read_card(args.bundle).get("task") != "mil":
+        _predict_images(args)
+        return
+    from pipelines.mil import predict_slides
 
-        errors: list = []
-        table, what = predict_slides(load_bundle(args.bundle), args.images, errors), "slides"
-    else:
-        predictor = Predictor.from_path(args.bundle, tta=args.tta, engine=args.engine)
-        (table, errors), what = predictor.predict_files(list_images(args.images)), "files"
+    errors: list = []
+    table = predict_slides(load_bundle(args.bundle), args.images, errors)
     if not len(table):
         if errors:
-            raise CliError(f"all {len(errors)} {what} in '{args.images}' were skipped (first: {errors[0]}); "
+            raise CliError(f"all {len(errors)} slides in '{args.images}' were skipped (first: {errors[0]}); "
                            f"no predictions written to '{args.out}'")
-        raise CliError(f"'{args.images}' lists no {what} to predict; no predictions written to '{args.out}'")
-    write_predictions(table, errors, args.out, what)
+        raise CliError(f"'{args.images}' lists no slides to predict; no predictions written to '{args.out}'")
+    write_predictions(table, errors, args.out, "slides")
+
+
+def _predict_images(args: argparse.Namespace) -> None:
+    """Image bundles: streamed into the CSV batch by batch (resumable, shardable; pipelines.batch_predict)."""
+    from pipelines.batch_predict import parse_shard, predict_stream, shard_output
+    from pipelines.prediction import Predictor, list_images
+
+    index, count = parse_shard(args.shard)
+    paths = list_images(args.images)[index::count]
+    out = shard_output(args.out, index, count)
+    predictor = Predictor.from_path(args.bundle, tta=args.tta, engine=args.engine)
+    result = predict_stream(predictor, paths, out, batch_size=args.batch_size, workers=args.workers,
+                            resume=args.resume, progress=not args.no_progress)
+    for err in result.errors:
+        print(f"skipped: {err}", file=sys.stderr)
+    if not result.written and not result.resumed:
+        out.unlink(missing_ok=True)
+        if result.errors:
+            raise CliError(f"all {len(result.errors)} files in '{args.images}' were skipped (first: "
+                           f"{result.errors[0]}); no predictions written to '{out}'")
+        raise CliError(f"'{args.images}' lists no files to predict; no predictions written to '{out}'")
+    shard = f" (shard {index}/{count})" if count > 1 else ""
+    print(f"{result.written} predictions written to {out}{shard}; {result.resumed} already there; "
+          f"{len(result.errors)} files skipped; engine: {predictor.engine}")
 
 
 def _cmd_export(args: argparse.Namespace) -> None:
@@ -218,6 +239,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--engine", choices=["auto", "eager", "onnx", "int8"], default="auto",
                    help="network runtime: auto uses the bundle's exported ONNX file when it has one (see `lesionlab "
                    "export`), else eager PyTorch")
+    p.add_argument("--resume", action="store_true", help="keep the rows already in --out and predict only the "
+                   "other images (an interrupted run goes on where it stopped)")
+    p.add_argument("--shard", metavar="K/N", help="predict every N-th file from the K-th into OUT.rank<K>-of-<N>.csv "
+                   "(default: RANK/WORLD_SIZE when started by torchrun or accelerate launch, else everything)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--workers", type=int, default=2, help="image-decoding threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("export", help="export a bundle to ONNX (and int8) for faster CPU inference")

@@ -488,16 +488,6 @@ def list_slides(source: str | Path) -> list[Path]:
     raise FileNotFoundError(f"'{source}' is neither a folder of slides nor a CSV listing them")
 
 
-def predict_slides_cli(args: argparse.Namespace) -> None:
-    """`lesionlab predict` for a MIL bundle: one row per slide into args.out."""
-    from models.bundle import load_bundle
-    from pipelines.prediction import write_predictions
-
-    errors: list[str] = []
-    table = predict_slides(load_bundle(args.bundle), args.images, errors)
-    write_predictions(table, errors, args.out, "slides")
-
-
 # CLI
 
 
