@@ -15,7 +15,8 @@ log = logging.getLogger("lesionlab")
 
 # Modules that register more sub-commands through `add_cli(subparsers)`.
 COMMAND_MODULES: list[str] = [
-    "pipelines.captions", "pipelines.synthesis", "pipelines.balancing", "pipelines.pruning", "pipelines.mil"
+    "pipelines.captions", "pipelines.synthesis", "pipelines.balancing", "pipelines.pruning", "pipelines.mil",
+    "pipelines.synth_report",
 ]
 
 

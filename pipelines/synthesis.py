@@ -28,6 +28,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict
 
 from pipelines.config import stage_settings
+from pipelines.lora_kohya import LoraReport, load_lora_file
 from pipelines.manifest import ManifestError, append_train_rows
 
 log = logging.getLogger(__name__)
@@ -139,8 +140,10 @@ def load_flux_pipeline(
     return pipe
 
 
-def load_lora(pipe: Any, lora: str | Path, adapter_name: str = "dermaflux") -> None:
-    """Load a LoRA file or folder into `pipe` with diffusers' `load_lora_weights` (kohya keys are converted)."""
+def load_lora(pipe: Any, lora: str | Path, adapter_name: str = "dermaflux") -> LoraReport:
+    """Load a LoRA file or folder (ours in diffusers format, or a kohya / BFL-format FLUX LoRA with CLIP and T5
+    keys) into `pipe`; returns (and logs) what was applied per component and refuses a file of which any tensor
+    would be dropped (see `pipelines.lora_kohya`)."""
     lora = Path(lora)
     if lora.is_dir():
         lora = lora / LORA_WEIGHTS_NAME
@@ -148,7 +151,7 @@ def load_lora(pipe: Any, lora: str | Path, adapter_name: str = "dermaflux") -> N
         raise FileNotFoundError(
             f"LoRA '{lora}' does not exist; expected a .safetensors file or a folder with {LORA_WEIGHTS_NAME}"
         )
-    pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name=adapter_name)
+    return load_lora_file(pipe, lora, adapter_name)
 
 
 def _pixels(image: Image.Image, resolution: int) -> Any:

@@ -459,7 +459,9 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
             raise ValueError(f"manifest '{manifest_path}' has no '{split}' rows; run the split stage first")
     class_names = class_names_of(manifest[manifest.split.isin(SPLITS)])
     unknown = [c for c in config.data.malignant_classes if c not in class_names]
-    if unknown:  # a typo would silently drop a class from the malignant AUC and the referral threshold
+    # A name the user wrote that is not a class is an error (a typo would silently drop a class from the malignant
+    # AUC and the referral threshold); the default list applies to the classes a dataset has.
+    if unknown and "malignant_classes" in config.data.model_fields_set:
         raise ValueError(f"data.malignant_classes names {', '.join(repr(c) for c in unknown)}, which is not a class "
                          f"of manifest '{manifest_path}' (classes: {', '.join(class_names)})")
     train_df = manifest[manifest.split == "train"]
@@ -533,7 +535,7 @@ def train_from_config(config: RunConfig, run_dir: str | Path, manifest_path: str
         return run_dir / "bundle"
 
     model = result.model.to(memory_format=torch.contiguous_format)
-    malignant = list(config.data.malignant_classes)
+    malignant = [c for c in config.data.malignant_classes if c in class_names]
     report_dir = run_dir / "report"
     test_ds = ImageDataset(test_df, class_names, evaluate, cache_dir=cache_dir) if len(test_df) else None
     scores = calibrate_and_score(model, val_ds, test_ds, class_names, malignant, settings.tta, settings.calibration,
