@@ -1,4 +1,4 @@
-"""Synthetic-data efficacy: does adding M synthetic images per rare class help a classifier trained on N real images?
+r"""Synthetic-data efficacy: does adding M synthetic images per rare class help a classifier trained on N real images?
 
 DermaFlux's protocol on our data. One grouped train/val/test split of the real images (lesion-level, fixed seed); for
 every N, a stratified subsample of N real training images (fixed seed, the same rows for both arms); M synthetic
