@@ -69,7 +69,7 @@ def main() -> None:
     nocc_card = _card(nocc_dir, manifest_hash, "--nocc-run bundle")
     shipped_card = _card(args.shipped, manifest_hash, "--shipped")
     baseline_card = _card(args.baseline, manifest_hash, "--baseline")
-    cc = {name: card.get("preprocessing", {}).get("color_constancy", "none")
+    cc = {name: (card.get("preprocessing") or {}).get("color_constancy") or "none"
           for name, card in (("nocc", nocc_card), ("shipped", shipped_card))}
     if cc != {"nocc": "none", "shipped": "shades_of_gray"}:
         raise SystemExit(f"expected a run without and a bundle with colour constancy, got {cc}")
