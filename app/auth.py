@@ -1,7 +1,7 @@
 """Logins for the web app: a file of `username:<scrypt hash>` lines, never a plain password.
 
 A line reads `name:scrypt$<n>$<r>$<p>$<salt, base64>$<key, base64>` (hashlib.scrypt, 32-byte key). The file is what
-an operator mounts as a secret; `lesionlab users add` writes it, `lesionlab serve --auth-file` reads it.
+an operator mounts as a secret; `lesionlab users add` (`app.cli`) writes it, `lesionlab serve --auth-file` reads it.
 """
 
 from __future__ import annotations
@@ -14,6 +14,16 @@ import re
 import secrets
 import tempfile
 from pathlib import Path
+
+__all__ = [
+    "MIN_PASSWORD_CHARS",
+    "AuthFileError",
+    "LoginChecker",
+    "add_user",
+    "hash_password",
+    "read_users",
+    "verify_password",
+]
 
 SCRYPT_N, SCRYPT_R, SCRYPT_P, KEY_BYTES = 2**14, 8, 1, 32
 MIN_PASSWORD_CHARS = 10
@@ -98,14 +108,3 @@ class LoginChecker:
     def __call__(self, username: str, password: str) -> bool:
         stored = self.users.get(username)
         return verify_password(password, stored or self._unknown) and stored is not None
-
-
-def users_cli(args) -> None:
-    """`lesionlab users add --auth-file FILE NAME --password-stdin`."""
-    import sys
-
-    if not args.password_stdin:
-        raise AuthFileError("give the password on standard input with --password-stdin (it is never an argument)")
-    password = sys.stdin.readline().rstrip("\r\n")
-    add_user(args.auth_file, args.name, password)
-    print(f"user '{args.name}' written to {args.auth_file}")

@@ -17,6 +17,17 @@ from models.bundle import Bundle
 from models.classifier import FeatureMap
 from pipelines.transforms import card_transform
 
+__all__ = [
+    "HEATMAP_COLOURS",
+    "LEGEND_HEIGHT",
+    "Explainer",
+    "Explanation",
+    "gradcam_target_layer",
+    "is_vit",
+    "overlay_heatmap",
+    "with_colour_bar",
+]
+
 log = logging.getLogger(__name__)
 
 
@@ -74,14 +85,6 @@ def overlay_heatmap(image: Image.Image, heatmap: np.ndarray, alpha: float = 0.45
     base = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     blended = (1 - alpha) * base + alpha * colours
     return Image.fromarray((np.clip(blended, 0, 1) * 255).astype(np.uint8), "RGB")
-
-
-def explanation_markdown(class_name: str, method: str) -> str:
-    """One line on how to read the heat-map of `class_name`."""
-    how = "Grad-CAM" if method == "gradcam" else "attention rollout"
-    return (f"**Heat-map for: {class_name}** ({how}). Red marks the regions that most raised the model's score for "
-            "this class, blue the regions with little effect. It shows where the model looked, not why; it is not "
-            "a lesion border.")
 
 
 def _identity(x):

@@ -28,6 +28,20 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from app.wording import BELOW, REFER
 
+__all__ = [
+    "LATENCY_BUCKETS",
+    "MIN_TOKEN_CHARS",
+    "UNKNOWN_MODEL",
+    "AuditLog",
+    "Call",
+    "HeaderTimeout",
+    "Ops",
+    "add_metrics_route",
+    "read_token",
+    "referral_counts",
+    "with_request",
+]
+
 log = logging.getLogger(__name__)
 
 # Seconds; single images take ~0.3-4 s under load, batches and slides up to minutes.

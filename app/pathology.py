@@ -19,20 +19,35 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from app.janitor import FileJanitor
+from app.ops import Ops, with_request
 from app.wording import (
-    BELOW,
-    NO_REFERRAL,
-    REFER,
-    compare_text,
-    percent,
-    referral_badge,
+    case_note_markdown,
+    pathology_card_markdown,
+    pathology_referral_html,
     referral_decision,
-    referral_markdown,
     warnings_html,
 )
 from pipelines.bags import Bag, bag_from_patches, is_whole_slide, load_bag, tile_image
 from pipelines.images import ImageError, ImageLimits, load_image
 from pipelines.mil import predict_bag, tiling_of
+
+__all__ = [
+    "API_NAME",
+    "MAX_CASE_PATCHES",
+    "MIN_BLUE_EXCESS",
+    "MIN_CASE_PATCHES",
+    "TOP_PATCHES",
+    "SlideAnalysis",
+    "analyze_slide",
+    "attention_heatmap",
+    "blue_excess",
+    "build_pathology_tab",
+    "case_details",
+    "case_warnings",
+    "load_case",
+    "public_message",
+]
 
 log = logging.getLogger(__name__)
 
@@ -223,54 +238,7 @@ def analyze_slide(
     )
 
 
-# ------------------------------------------------------------------------------------------------ wording
-
-
-def pathology_referral_html(p_malignant: float | None, card: dict[str, Any]) -> str:
-    """The headline, as on the image tab: a badge with the referral decision, the malignancy probability against
-    the threshold (digits enough that the two never read as equal when they differ) and what the threshold means."""
-    decision = referral_decision(p_malignant, card)
-    badge = referral_badge(decision)
-    if decision == NO_REFERRAL:
-        if p_malignant is None:
-            text = "This model names no malignant class, so it gives no malignancy probability or referral."
-        else:
-            text = (f"Malignancy probability {p_malignant:.2f}. This model has no validated referral threshold; "
-                    "read the probability with care.")
-        return f'{badge}<p class="ll-referral-text">{text}</p>'
-    shown_p, shown_t = compare_text(float(p_malignant), float(card["operating_threshold"]))
-    metrics = card.get("threshold_metrics") or {}
-    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
-    n_val = ((card.get("metrics") or {}).get("validation") or {}).get("n")
-    cases = f"the {n_val} validation images" if n_val else "the validation images"
-    side = "at or above" if decision == REFER else "below"
-    meaning = (f"The threshold was chosen on {cases}: there the model sent on {percent(sensitivity)} of malignant "
-               f"cases (sensitivity) and cleared {percent(specificity)} of benign ones (specificity).")
-    if decision == BELOW:
-        missed = None if sensitivity is None else 1 - sensitivity
-        meaning += (f" It missed {percent(missed)} of malignant cases there, and was validated on few cases, so a "
-                    "case that worries you clinically still needs a pathologist's review.")
-    text = (f"Malignancy probability <b>{shown_p}</b> is {side} the referral threshold {shown_t}. "
-            f"{meaning}")
-    return f'{badge}<p class="ll-referral-text">{text}</p>'
-
-
-def _describe(bundle, analysis: SlideAnalysis) -> str:
-    analysed = f"**{analysis.n_patches} tissue patch{'es' if analysis.n_patches != 1 else ''}** analysed"
-    if analysis.n_tissue_patches > analysis.n_patches:
-        analysed += f" (a fixed random sample of the case's {analysis.n_tissue_patches:,})"
-    lines = [
-        f"{analysed}; attention sums to 1 over them (heat-map: blue = lowest, red = highest attention in this case; "
-        "grey = background or not analysed).",
-        referral_markdown(analysis.prob_malignant, bundle.card),
-    ]
-    if analysis.warnings:
-        lines.append(f"**{len(analysis.warnings)} warning{'s' if len(analysis.warnings) > 1 else ''}** (above).")
-    lines.append("_Research prototype: not a diagnosis._")
-    return "  \n".join(lines)
-
-
-def _details(bundle, analysis: SlideAnalysis) -> dict[str, Any]:
+def case_details(bundle, analysis: SlideAnalysis) -> dict[str, Any]:
     """The JSON the API returns beside the display: full-precision numbers and every warning."""
     return {
         "probabilities": analysis.probabilities,
@@ -284,49 +252,6 @@ def _details(bundle, analysis: SlideAnalysis) -> dict[str, Any]:
         "warnings": analysis.warnings,
         "model_version": bundle.card.get("model_version"),
     }
-
-
-def pathology_card_markdown(name: str, card: dict[str, Any]) -> str:
-    """The clinical card of a MIL bundle: what it does, what it learnt from, how well it did, its limits. No paths."""
-    lines = [f"### Model card: {name}", ""]
-    lines.append(f"- **Version:** {card.get('model_version') or 'not recorded'}")
-    if card.get("description"):
-        lines.append(f"- **What it does:** {card['description']}")
-    lines.append(f"- **Classifies into:** {', '.join(card.get('class_names') or [])}"
-                 + (f" (counted as malignant: {', '.join(card['malignant_classes'])})"
-                    if card.get("malignant_classes") else ""))
-    counts = card.get("data_counts") or {}
-    train = counts.get("train") or (card.get("training") or {}).get("train_counts") or {}
-    if train:
-        per_class = ", ".join(f"{c} {n}" for c, n in train.items())
-        lines.append(f"- **Trained on:** {sum(train.values())} images ({per_class})")
-    if card.get("data_source"):
-        lines.append(f"- **Data source:** {card['data_source']}")
-    if card.get("data_license"):
-        lines.append(f"- **Licence:** {card['data_license']}")
-    metrics = card.get("metrics") or {}
-    threshold = card.get("operating_threshold")
-    if threshold is not None:
-        tm = card.get("threshold_metrics") or {}
-        val_n = (metrics.get("validation") or {}).get("n", "?")
-        text = (f"- **Referral threshold {float(threshold):.3f}:** on the {val_n} validation images it sent on "
-                f"{percent(tm.get('sensitivity'))} of malignant cases and cleared {percent(tm.get('specificity'))} "
-                "of benign ones")
-        at_test = (metrics.get("test") or {}).get("at_operating_threshold") or {}
-        if at_test:
-            text += (f"; on the {metrics['test'].get('n', '?')} test images {percent(at_test.get('sensitivity'))} "
-                     f"and {percent(at_test.get('specificity'))}")
-        lines.append(text)
-    test = metrics.get("test") or {}
-    if isinstance(test.get("malignant_auc"), (int, float)):
-        lines.append(f"- **Overall (test, {test.get('n', '?')} images):** malignant-vs-benign AUC "
-                     f"{test['malignant_auc']:.2f}, accuracy {percent(test.get('accuracy'))}")
-    calibration = card.get("calibration") or {}
-    if calibration.get("method") in (None, "none"):
-        lines.append("- **Calibration:** none (too few validation images); treat probabilities as scores")
-    limitations = card.get("limitations") or ["Research use only; not a diagnostic device."]
-    lines += ["", "**Limitations:**", *[f"- {item}" for item in limitations]]
-    return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------------ the tab
@@ -344,45 +269,24 @@ def public_message(err: BaseException, paths: Sequence[str], names: Sequence[str
     return _DIRECTORY.sub("", text)
 
 
-def build_pathology_tab(
-    bundles: dict[str, Any],
-    janitor: Any = None,
-    limits: ImageLimits | None = None,
-    max_patches: int = MAX_CASE_PATCHES,
-    ops: Any = None,
-) -> None:
-    """Create the Pathology tab inside the current `gr.Tabs()`/`gr.Blocks` context (api_name 'predict_slide').
-
-    `limits` are the server's file limits (`ServeSettings.limits()`: file size and megapixels, the same as the
-    image tabs; ImageLimits() when None); at most `max_patches` patches are analysed per case. Uploads are deleted
-    after each request by `janitor` (the app's `FileJanitor`; a private one when None). Requests are counted and
-    audited by `ops` (the app's `app.ops.Ops`; a private one without an audit log when None).
-    """
+def _refusal(message: str) -> Any:
+    """The gr.Error a refused case shows: it stays on screen until closed, and is not logged with a traceback."""
     import gradio as gr
 
-    if not bundles:
-        raise ValueError("the pathology tab needs at least one MIL bundle")
-    limits = limits or ImageLimits()
+    return gr.Error(message, duration=None, title="This case cannot be analysed", print_exception=False)
+
+
+def _case_predictor(bundles: dict[str, Any], janitor: FileJanitor, limits: ImageLimits, max_patches: int,
+                    ops: Ops) -> Any:
+    """The tab's request handler (API 'predict_slide'): one case in, the six outputs of the tab out."""
     names = sorted(bundles)
-    if janitor is None:
-        from gradio.utils import get_upload_folder
-
-        from app.server import FileJanitor
-
-        janitor = FileJanitor(get_upload_folder(), grace_s=1.0)
-    from app.ops import Ops, with_request
-
-    ops = ops or Ops({name: bundle.card.get("model_version") for name, bundle in bundles.items()})
-
-    def fail(message: str) -> gr.Error:
-        return gr.Error(message, duration=None, title="This case cannot be analysed", print_exception=False)
 
     @with_request
     def predict(files, model_name: str, request: Any = None):
         if not files:
-            raise fail("Upload one H&E image, a whole-slide file, or several patches of one case.")
+            raise _refusal("Upload one H&E image, a whole-slide file, or several patches of one case.")
         if model_name not in bundles:
-            raise fail(f"Unknown model '{model_name}'; choose one of {names}.")
+            raise _refusal(f"Unknown model '{model_name}'; choose one of {names}.")
         paths = [str(f if isinstance(f, (str, Path)) else getattr(f, "name", f)) for f in files]
         shown = [Path(p).name for p in paths]  # Gradio keeps the user's file name as the last path component
         bundle = bundles[model_name]
@@ -395,21 +299,50 @@ def build_pathology_tab(
                 # the message names the user's file: it goes to the user only, never to the server log
                 log.info("pathology: rejected a case (%s)", type(err).__name__)
                 call.fail(err)
-                raise fail(public_message(err, paths, shown)) from None
+                raise _refusal(public_message(err, paths, shown)) from None
             except Exception as err:  # noqa: BLE001 - never show an internal message (it may hold a path)
                 log.error("pathology: analysis failed (%s)", type(err).__name__)
                 call.fail(err)
-                raise fail(f"The analysis failed ({type(err).__name__}); the file may be damaged.") from None
+                raise _refusal(f"The analysis failed ({type(err).__name__}); the file may be damaged.") from None
             finally:
                 janitor.release(held)
             call.referral = referral_decision(analysis.prob_malignant, bundle.card)
+        note = case_note_markdown(analysis.n_patches, analysis.n_tissue_patches, analysis.prob_malignant,
+                                  bundle.card, len(analysis.warnings))
         return (warnings_html(analysis.warnings) + pathology_referral_html(analysis.prob_malignant, bundle.card),
-                analysis.probabilities, analysis.heatmap, analysis.top_patches, _describe(bundle, analysis),
-                _details(bundle, analysis))
+                analysis.probabilities, analysis.heatmap, analysis.top_patches, note, case_details(bundle, analysis))
+
+    return predict
+
+
+def build_pathology_tab(
+    bundles: dict[str, Any],
+    janitor: FileJanitor | None = None,
+    limits: ImageLimits | None = None,
+    max_patches: int = MAX_CASE_PATCHES,
+    ops: Ops | None = None,
+) -> None:
+    """Create the Pathology tab inside the current `gr.Tabs()`/`gr.Blocks` context (api_name 'predict_slide').
+
+    `limits` are the server's file limits (`ServeSettings.limits()`: file size and megapixels, the same as the
+    image tabs; ImageLimits() when None); at most `max_patches` patches are analysed per case. Uploads are deleted
+    after each request by `janitor` (the app's `FileJanitor`; a private one when None). Requests are counted and
+    audited by `ops` (the app's `app.ops.Ops`; a private one without an audit log when None).
+    """
+    import gradio as gr
+    from gradio.utils import get_upload_folder
+
+    if not bundles:
+        raise ValueError("the pathology tab needs at least one MIL bundle")
+    limits = limits or ImageLimits()
+    names = sorted(bundles)
+    janitor = janitor or FileJanitor(get_upload_folder(), grace_s=1.0)
+    ops = ops or Ops({name: bundle.card.get("model_version") for name, bundle in bundles.items()})
+    predict = _case_predictor(bundles, janitor, limits, max_patches, ops)
 
     def card(model_name: str) -> str:
         if model_name not in bundles:
-            raise fail(f"Unknown model '{model_name}'; choose one of {names}.")
+            raise _refusal(f"Unknown model '{model_name}'; choose one of {names}.")
         return pathology_card_markdown(model_name, bundles[model_name].card)
 
     with gr.Tab("Pathology", id="pathology"):

@@ -9,6 +9,8 @@ from PIL import Image
 
 from pipelines.abcd import abcd_descriptors
 
+__all__ = ["abcd_readout", "outline_image", "readout_markdown"]
+
 
 def abcd_readout(image: Image.Image) -> tuple[dict[str, Any], np.ndarray]:
     """(ABCD descriptors of an RGB image as JSON-able numbers, the lesion mask), both from pipelines.abcd."""

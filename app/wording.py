@@ -1,4 +1,5 @@
-"""What the clinician reads: the referral headline, capped probabilities, measured performance and the model card.
+"""What the clinician reads: the referral headline, capped probabilities, measured performance, the model cards
+(image and pathology), the notes on the page and the heat-map's caption.
 
 Every function turns numbers from a prediction and a bundle's card into text; none of them touches a model, a file
 or the network, so the wording can be tested on its own.
@@ -8,10 +9,42 @@ from __future__ import annotations
 
 import html
 import math
+from collections.abc import Sequence
 from pathlib import PurePath
 from typing import Any
 
 from pipelines.captions import DIAGNOSIS_NAMES
+
+__all__ = [
+    "BELOW",
+    "INTENDED_USE",
+    "NO_REFERRAL",
+    "REFER",
+    "TRAINING_POPULATION",
+    "batch_note",
+    "card_markdown",
+    "case_note_markdown",
+    "class_name",
+    "compare_text",
+    "explanation_markdown",
+    "file_types_note",
+    "interval_words",
+    "ood_warnings",
+    "pathology_card_markdown",
+    "pathology_referral_html",
+    "percent",
+    "performance_markdown",
+    "privacy_note",
+    "probabilities_markdown",
+    "probability_text",
+    "referral_badge",
+    "referral_decision",
+    "referral_html",
+    "referral_markdown",
+    "scope_warnings",
+    "warnings_html",
+    "threshold_meaning",
+]
 
 REFER = "Refer: above the referral threshold"
 BELOW = "Below the referral threshold"
@@ -21,6 +54,11 @@ TRAINING_POPULATION = (
     "Trained on dermoscopy images of mostly light-skinned patients (HAM10000: Austria and Australia); not validated "
     "on darker skin or on clinical (non-dermoscopic) photographs. It knows only the classes listed: any other kind "
     "of lesion is given one of them."
+)
+INTENDED_USE = (
+    "**Research use only. Not a diagnostic device.** lesionlab is a research prototype: it has not been cleared or "
+    "approved by any regulator, and its output must not be used to diagnose, treat or triage patients. Every "
+    "result below needs a clinician's own examination and judgement."
 )
 
 
@@ -139,19 +177,25 @@ def referral_html(p_malignant: float | None, card: dict[str, Any]) -> str:
         return f'{badge}<p class="ll-referral-text">{text}</p>'
     threshold = float(card["operating_threshold"])
     shown_p, shown_t = compare_text(float(p_malignant), threshold)
-    metrics = card.get("threshold_metrics") or {}
-    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
     side = "at or above" if decision == REFER else "below"
-    meaning = (f"The threshold was chosen on the validation images: there the model sent on "
-               f"{percent(sensitivity)} of malignant lesions (sensitivity) and cleared {percent(specificity)} of "
-               f"benign ones (specificity).")
-    if decision == BELOW:
-        missed = None if sensitivity is None else 1 - sensitivity
-        meaning += (f" It missed {percent(missed)} of malignant lesions at this threshold, so a lesion that worries "
-                    "you clinically still needs referral.")
+    meaning = threshold_meaning(decision, card, "the validation images", "lesions",
+                                "at this threshold, so a lesion that worries you clinically still needs referral.")
     text = (f"Malignancy probability <b>{shown_p}</b> ({html.escape(_malignant_names(card))} together) is {side} "
             f"the referral threshold {shown_t}. {meaning}")
     return f'{badge}<p class="ll-referral-text">{text}</p>'
+
+
+def threshold_meaning(decision: str, card: dict[str, Any], cases: str, noun: str, missed_advice: str) -> str:
+    """What the referral threshold means, from the card's validated sensitivity and specificity; below the
+    threshold, also what it missed there and `missed_advice` (the one rule both headlines word)."""
+    metrics = card.get("threshold_metrics") or {}
+    sensitivity, specificity = metrics.get("sensitivity"), metrics.get("specificity")
+    meaning = (f"The threshold was chosen on {cases}: there the model sent on {percent(sensitivity)} of malignant "
+               f"{noun} (sensitivity) and cleared {percent(specificity)} of benign ones (specificity).")
+    if decision == BELOW:
+        missed = None if sensitivity is None else 1 - sensitivity
+        meaning += f" It missed {percent(missed)} of malignant {noun} {missed_advice}"
+    return meaning
 
 
 def referral_markdown(p_malignant: float | None, card: dict[str, Any]) -> str:
@@ -295,4 +339,123 @@ def card_markdown(name: str, card: dict[str, Any]) -> str:
     if inference.get("tta"):
         technical.append(f"{inference['tta']} views averaged per image")
     lines += ["", f"_Technical: {', '.join(technical)}._"]
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------------ notes on the page
+
+
+def file_types_note(max_file_mb: float, max_megapixels: float) -> str:
+    """The files the image tabs accept and their limits, as the upload fields state them."""
+    return (f"JPEG, PNG, TIFF, BMP, WebP or single-frame DICOM, at most {max_file_mb:g} MB and "
+            f"{max_megapixels:g} megapixels")
+
+
+def batch_note(n_classified: int, n_sent: int, skipped: Sequence[str]) -> str:
+    """The note beside a batch table: how many images were classified, and why each skipped file was skipped."""
+    note = f"{n_classified} of {n_sent} images classified."
+    if skipped:
+        note += "\n\n**Skipped:**\n" + "\n".join(f"- {message}" for message in skipped)
+    return note
+
+
+def privacy_note(output_max_age_s: float) -> str:
+    """The page's footer: what happens to uploads and results, and how soon they are deleted."""
+    minutes = max(1, round(output_max_age_s / 60))
+    return ("_No image, result or usage data leaves this machine. A single uploaded image is deleted from the "
+            f"server within a minute of its analysis, batch files and results within {minutes} minutes, and "
+            "everything left when the server stops; nothing you upload is written to the server log._")
+
+
+def explanation_markdown(class_name: str, method: str) -> str:
+    """One line on how to read the heat-map of `class_name` (`method`: "gradcam" or "attention")."""
+    how = "Grad-CAM" if method == "gradcam" else "attention rollout"
+    return (f"**Heat-map for: {class_name}** ({how}). Red marks the regions that most raised the model's score for "
+            "this class, blue the regions with little effect. It shows where the model looked, not why; it is not "
+            "a lesion border.")
+
+
+# ------------------------------------------------------------------------------------------------ pathology
+
+
+def pathology_referral_html(p_malignant: float | None, card: dict[str, Any]) -> str:
+    """The headline, as on the image tab: a badge with the referral decision, the malignancy probability against
+    the threshold (digits enough that the two never read as equal when they differ) and what the threshold means."""
+    decision = referral_decision(p_malignant, card)
+    badge = referral_badge(decision)
+    if decision == NO_REFERRAL:
+        if p_malignant is None:
+            text = "This model names no malignant class, so it gives no malignancy probability or referral."
+        else:
+            text = (f"Malignancy probability {p_malignant:.2f}. This model has no validated referral threshold; "
+                    "read the probability with care.")
+        return f'{badge}<p class="ll-referral-text">{text}</p>'
+    shown_p, shown_t = compare_text(float(p_malignant), float(card["operating_threshold"]))
+    n_val = ((card.get("metrics") or {}).get("validation") or {}).get("n")
+    cases = f"the {n_val} validation images" if n_val else "the validation images"
+    side = "at or above" if decision == REFER else "below"
+    meaning = threshold_meaning(decision, card, cases, "cases", "there, and was validated on few cases, so a case "
+                                "that worries you clinically still needs a pathologist's review.")
+    text = (f"Malignancy probability <b>{shown_p}</b> is {side} the referral threshold {shown_t}. "
+            f"{meaning}")
+    return f'{badge}<p class="ll-referral-text">{text}</p>'
+
+
+def case_note_markdown(n_patches: int, n_tissue_patches: int, p_malignant: float | None, card: dict[str, Any],
+                       n_warnings: int = 0) -> str:
+    """The note beside a pathology case's prediction: what was analysed, how to read the heat-map, the referral."""
+    analysed = f"**{n_patches} tissue patch{'es' if n_patches != 1 else ''}** analysed"
+    if n_tissue_patches > n_patches:
+        analysed += f" (a fixed random sample of the case's {n_tissue_patches:,})"
+    lines = [
+        f"{analysed}; attention sums to 1 over them (heat-map: blue = lowest, red = highest attention in this case; "
+        "grey = background or not analysed).",
+        referral_markdown(p_malignant, card),
+    ]
+    if n_warnings:
+        lines.append(f"**{n_warnings} warning{'s' if n_warnings > 1 else ''}** (above).")
+    lines.append("_Research prototype: not a diagnosis._")
+    return "  \n".join(lines)
+
+
+def pathology_card_markdown(name: str, card: dict[str, Any]) -> str:
+    """The clinical card of a MIL bundle: what it does, what it learnt from, how well it did, its limits. No paths."""
+    lines = [f"### Model card: {name}", ""]
+    lines.append(f"- **Version:** {card.get('model_version') or 'not recorded'}")
+    if card.get("description"):
+        lines.append(f"- **What it does:** {card['description']}")
+    lines.append(f"- **Classifies into:** {', '.join(card.get('class_names') or [])}"
+                 + (f" (counted as malignant: {', '.join(card['malignant_classes'])})"
+                    if card.get("malignant_classes") else ""))
+    counts = card.get("data_counts") or {}
+    train = counts.get("train") or (card.get("training") or {}).get("train_counts") or {}
+    if train:
+        per_class = ", ".join(f"{c} {n}" for c, n in train.items())
+        lines.append(f"- **Trained on:** {sum(train.values())} images ({per_class})")
+    if card.get("data_source"):
+        lines.append(f"- **Data source:** {card['data_source']}")
+    if card.get("data_license"):
+        lines.append(f"- **Licence:** {card['data_license']}")
+    metrics = card.get("metrics") or {}
+    threshold = card.get("operating_threshold")
+    if threshold is not None:
+        tm = card.get("threshold_metrics") or {}
+        val_n = (metrics.get("validation") or {}).get("n", "?")
+        text = (f"- **Referral threshold {float(threshold):.3f}:** on the {val_n} validation images it sent on "
+                f"{percent(tm.get('sensitivity'))} of malignant cases and cleared {percent(tm.get('specificity'))} "
+                "of benign ones")
+        at_test = (metrics.get("test") or {}).get("at_operating_threshold") or {}
+        if at_test:
+            text += (f"; on the {metrics['test'].get('n', '?')} test images {percent(at_test.get('sensitivity'))} "
+                     f"and {percent(at_test.get('specificity'))}")
+        lines.append(text)
+    test = metrics.get("test") or {}
+    if isinstance(test.get("malignant_auc"), (int, float)):
+        lines.append(f"- **Overall (test, {test.get('n', '?')} images):** malignant-vs-benign AUC "
+                     f"{test['malignant_auc']:.2f}, accuracy {percent(test.get('accuracy'))}")
+    calibration = card.get("calibration") or {}
+    if calibration.get("method") in (None, "none"):
+        lines.append("- **Calibration:** none (too few validation images); treat probabilities as scores")
+    limitations = card.get("limitations") or ["Research use only; not a diagnostic device."]
+    lines += ["", "**Limitations:**", *[f"- {item}" for item in limitations]]
     return "\n".join(lines)

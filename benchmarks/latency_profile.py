@@ -1,7 +1,7 @@
 """Where the batch-1 CPU time of saved prune-benchmark EfficientNets goes: per stage, and with wider channel rounding.
 
     .venv/bin/python benchmarks/latency_profile.py runs/prune_bench_kd efficientnet-b0_none_0 \
-        efficientnet-b0_beta-rank-inverse_50 --json docs/figures/latency_profile.json
+        efficientnet-b0_beta-rank-inverse_50 --json benchmarks/results/pruning/latency_profile.json
     .venv/bin/python benchmarks/latency_profile.py runs/prune_bench_long efficientnet-b0_beta-rank-inverse_70 \
         --round-to 16
 

@@ -19,11 +19,13 @@ import numpy as np
 import torch
 from sklearn.metrics import accuracy_score, roc_auc_score
 from sklearn.model_selection import StratifiedGroupKFold
+from torch.utils.data import DataLoader, Dataset
 
 from models.registry import build_model, default_normalization
 from models.scmil import SCMILLoss
-from pipelines.bags import TilingSettings, cached_bag_features, ingest_slide_table
-from pipelines.mil import FeatureBagDataset, predict_dataset_bags, train_in_memory
+from pipelines.bags import ingest_slide_table
+from pipelines.config import TilingSettings
+from pipelines.mil import FeatureBagDataset, cached_bag_features, collate_bags, predict_dataset_bags
 
 
 def main() -> None:
@@ -64,12 +66,37 @@ def main() -> None:
     y = (slides.label == "malignant").to_numpy().astype(int)
     groups = slides.group.to_numpy()
     feats = [features[s]["features"] for s in slides.image_id]
+    train_started = time.perf_counter()
+    results = cross_validate(feats, y, groups, args)
+    train_s = time.perf_counter() - train_started
+    summary = {
+        key: {m: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
+              for m, v in row.items()}
+        for key, row in results.items()
+    }
+    payload = {"args": vars(args), "n_slides": len(y), "n_malignant": int(y.sum()), "patches_per_slide":
+               [int(min(sizes)), float(np.mean(sizes)), int(max(sizes))], "embed_seconds": embed_s,
+               "train_seconds": train_s, "results": summary}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(payload, indent=2))
+    print(f"{'setting/method':24s} {'accuracy':>16s} {'AUC':>16s} {'balanced acc':>16s}")
+    for key, row in summary.items():
+        cells = [f"{row[m]['mean']:.3f} ± {row[m]['sd']:.3f}" for m in ("accuracy", "auc", "balanced_accuracy")]
+        print(f"{key:24s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s}")
+    print(f"embedding {embed_s:.0f} s, training {train_s:.0f} s; written to {out}")
+
+
+def cross_validate(
+    feats: list[torch.Tensor], y: np.ndarray, groups: np.ndarray, args: argparse.Namespace
+) -> dict[str, dict[str, list[float]]]:
+    """Out-of-fold accuracy, AUC and balanced accuracy per seed of each "setting/method" (balanced or imbalanced
+    training folds; ABMIL or SC-MIL), with folds grouped by `groups`."""
     dim = feats[0].shape[1]
     results: dict[str, dict[str, list[float]]] = {}
     for setting in ("balanced", "imbalanced"):
         for method in ("abmil", "scmil"):
             results[f"{setting}/{method}"] = {"accuracy": [], "auc": [], "balanced_accuracy": []}
-    train_started = time.perf_counter()
     for seed in range(args.seeds):
         splitter = StratifiedGroupKFold(n_splits=args.folds, shuffle=True, random_state=seed)
         folds = list(splitter.split(np.zeros(len(y)), y, groups))
@@ -96,23 +123,33 @@ def main() -> None:
                 row["balanced_accuracy"].append(float(((pred == 1)[y == 1].mean() + (pred == 0)[y == 0].mean()) / 2))
                 logging.info("seed %d %s %s: acc %.3f auc %.3f", seed, setting, method, row["accuracy"][-1],
                              row["auc"][-1])
-    train_s = time.perf_counter() - train_started
-    summary = {
-        key: {m: {"mean": float(np.mean(v)), "sd": float(np.std(v, ddof=1)) if len(v) > 1 else 0.0, "values": v}
-              for m, v in row.items()}
-        for key, row in results.items()
-    }
-    payload = {"args": vars(args), "n_slides": len(y), "n_malignant": int(y.sum()), "patches_per_slide":
-               [int(min(sizes)), float(np.mean(sizes)), int(max(sizes))], "embed_seconds": embed_s,
-               "train_seconds": train_s, "results": summary}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(payload, indent=2))
-    print(f"{'setting/method':24s} {'accuracy':>16s} {'AUC':>16s} {'balanced acc':>16s}")
-    for key, row in summary.items():
-        cells = [f"{row[m]['mean']:.3f} ± {row[m]['sd']:.3f}" for m in ("accuracy", "auc", "balanced_accuracy")]
-        print(f"{key:24s} {cells[0]:>16s} {cells[1]:>16s} {cells[2]:>16s}")
-    print(f"embedding {embed_s:.0f} s, training {train_s:.0f} s; written to {out}")
+    return results
+
+
+def train_in_memory(
+    model: torch.nn.Module,
+    dataset: Dataset,
+    loss: SCMILLoss,
+    epochs: int,
+    lr: float = 5e-4,
+    weight_decay: float = 1e-4,
+    batch_size: int = 16,
+    seed: int = 0,
+) -> torch.nn.Module:
+    """A fixed-epoch loop without checkpoints for the cross-validation folds; same model and loss as the MIL stage's
+    `pipelines.training.fit`."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=True, collate_fn=collate_bags, generator=generator)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    model.train()
+    for epoch in range(epochs):
+        for x, mask, labels in loader:
+            value, _ = loss(model(x, mask, return_all=True), labels, epoch)
+            optimizer.zero_grad(set_to_none=True)
+            value.backward()
+            optimizer.step()
+    return model.eval()
 
 
 def _feature_head(dim: int, seed: int):

@@ -45,7 +45,7 @@ def measure_one(image: Path, cap: int | None) -> dict:
 
     torch.set_num_threads(2)
     from app.pathology import analyze_slide
-    from app.server import ServeSettings
+    from app.settings import ServeSettings
     from models.bundle import load_bundle
 
     bundle = load_bundle(BUNDLE)
@@ -86,7 +86,8 @@ def colour_check(ucsb: Path, ham: Path | None, ham_step: int) -> dict:
     """blue_excess and patch counts over the UCSB images and a regular subset of HAM10000."""
     from app.pathology import MIN_BLUE_EXCESS, MIN_CASE_PATCHES, blue_excess
     from models.bundle import read_card
-    from pipelines.bags import TilingSettings, tile_image
+    from pipelines.bags import tile_image
+    from pipelines.config import TilingSettings
 
     settings = TilingSettings.model_validate(read_card(BUNDLE)["tiling"])
 
@@ -138,7 +139,7 @@ def main() -> None:
         return
 
     from app.pathology import MAX_CASE_PATCHES
-    from app.server import ServeSettings
+    from app.settings import ServeSettings
 
     limits = ServeSettings().limits()
     source = sorted((args.ucsb / "images").glob("*malignant*.jpg"))[0]

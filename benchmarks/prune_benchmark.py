@@ -7,6 +7,10 @@ Trains each baseline once (cached), fine-tunes an unpruned copy for the same bud
 trainer and class-weighted cross-entropy, and appends one JSON line to `results.jsonl` (re-running skips finished
 lines); test-split probabilities go to `probs/`. `--plot` writes the table (with paired-bootstrap 95 % intervals of
 each change against the unpruned baseline) and the accuracy-vs-FLOPs plot.
+
+Pruning, calibration sampling and fine-tuning are the library's (`pipelines.pruning`), with `lesionlab prune`'s
+defaults (`PruningConfig`) unless a flag changes them: the log names the settings that differ, and every row
+records them all (`pruning_settings`). Only the baselines' training and the 64 px image cache are the benchmark's.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from models import build_model  # noqa: E402
 from models.registry import PRETRAINED_WEIGHTS, default_normalization  # noqa: E402
 from pipelines import pruning  # noqa: E402
+from pipelines.config import PruningConfig  # noqa: E402
 
 log = logging.getLogger("prune_benchmark")
 MALIGNANT = ["mel", "bcc", "akiec"]
@@ -65,11 +70,13 @@ def load_data(root: Path, size: int, cache: Path) -> tuple[dict, list[str]]:
         arrays = np.load(cache)
         images = arrays["images"]
     else:
+        from tqdm.auto import tqdm
+
         from pipelines.images import load_image
 
         geometry = eval_transform(size, [0, 0, 0], [1, 1, 1])
         images = np.stack([np.asarray(geometry.resize_crop(load_image(p))) for p in
-                           pruning.tqdm(manifest.path, desc="decoding")])
+                           tqdm(manifest.path, desc="decoding")])
         np.savez(cache, images=images)
     labels = np.array([class_names.index(c) for c in manifest.label])
     splits = {s: (images[(manifest.split == s).to_numpy()], labels[(manifest.split == s).to_numpy()])
@@ -87,38 +94,49 @@ def make_loaders(splits: dict, mean, std, batch_size: int, eval_limit: int | Non
     return train, val, test
 
 
-def fine_tune_loaders(loaders: tuple, labels: np.ndarray, num_classes: int, args: argparse.Namespace) -> tuple:
-    """`loaders` with, under `--ft-sampler balanced`, a training loader that draws every class equally often."""
-    if args.ft_sampler == "none":
-        return loaders
-    from pipelines.balancing import build_sampler
+def fine_tune_loader(train_loader: DataLoader, labels: np.ndarray, num_classes: int, sampler: str,
+                     settings: PruningConfig) -> DataLoader:
+    """The fine-tuning loader (`settings.batch_size`): shuffled, or under `--ft-sampler balanced` one that draws every
+    class equally often (the library's sampler)."""
+    if sampler == "none":
+        return DataLoader(train_loader.dataset, batch_size=settings.batch_size, shuffle=True)
+    from pipelines.training import build_sampler
 
-    dataset = loaders[0].dataset
-    sampler = build_sampler(labels, num_classes, args.ft_sampler, args.seed)
-    return (DataLoader(dataset, batch_size=args.batch_size, sampler=sampler), *loaders[1:])
+    return DataLoader(train_loader.dataset, batch_size=settings.batch_size,
+                      sampler=build_sampler(labels, num_classes, sampler, settings.seed))
 
 
-def train(model, loaders, counts, args, run_dir: Path, epochs: int, max_steps: int | None, lr: float,
-          teacher=None, weighting: str = "inverse"):
-    from pipelines.balancing import build_loss, class_weights
+def train_baseline(model, loaders, counts, args, run_dir: Path):
+    """The unpruned baseline, trained once with the project's trainer and class-weighted cross-entropy."""
     from pipelines.config import TrainSettings
-    from pipelines.training import fit
+    from pipelines.training import build_loss, fit
 
-    settings = TrainSettings(epochs=epochs, batch_size=args.batch_size, lr=lr, warmup_epochs=0.3 if epochs > 1 else 0,
-                             patience=epochs, max_steps_per_epoch=max_steps, device="cpu", seed=args.seed,
-                             class_weighting=weighting, resume=False, ema_decay=0.0)
+    epochs = args.base_epochs
+    settings = TrainSettings(epochs=epochs, batch_size=args.base_batch_size, lr=args.lr,
+                             warmup_epochs=0.3 if epochs > 1 else 0, patience=epochs,
+                             max_steps_per_epoch=args.base_steps, device="cpu", seed=args.settings.seed,
+                             class_weighting="inverse", resume=False, ema_decay=0.0)
+    loss = build_loss("ce", counts, weighting="inverse")
+    return fit(model, loaders[0], loaders[1], loss, settings, run_dir).model
+
+
+def fine_tuner(teacher, loaders, counts, args, run_dir: Path, epochs: int | None = None):
+    """The library's fine-tune after each pruning stage (`pipelines.pruning.stage_fine_tuner`, PruningConfig
+    settings), with class-weighted cross-entropy (unweighted under `--ft-sampler balanced`) and distillation from
+    the unpruned baseline when `--distill-weight` > 0."""
+    from pipelines.training import build_loss
+
+    settings = args.settings
+    weighting = "none" if args.ft_sampler == "balanced" else "inverse"
     loss = build_loss("ce", counts, weighting=weighting)
-    distill = None
-    if teacher is not None:
-        kd_weights = class_weights(counts, weighting) if args.distill_class_weighted else None
-        distill = pruning.distillation_loss(teacher, loss, args.distill_weight, args.distill_temperature,
-                                            class_weights=kd_weights)
-    return fit(model, loaders[0], loaders[1], loss, settings, run_dir, loss_forward=distill).model
+    distill = pruning.distillation_for(teacher, loss, settings, counts, weighting)
+    train_settings = pruning.fine_tune_settings(settings, weighting, epochs=epochs)
+    return pruning.stage_fine_tuner(lambda stage: loaders[0], loaders[1], loss, train_settings, run_dir, distill)
 
 
-def evaluate(model, loader, class_names, minority, probs_path: Path) -> dict:
+def evaluate(model, dataset, class_names, minority, probs_path: Path) -> dict:
     """Test-split report; the probabilities are kept for the paired bootstrap in `--plot`."""
-    probs, y = pruning.predict_probs(model, loader)
+    y, probs = pruning.served_probs(model, dataset, None, 1)
     probs_path.parent.mkdir(parents=True, exist_ok=True)
     np.savez(probs_path, probs=probs, labels=y)
     return pruning.accuracy_report(y, probs, class_names, MALIGNANT, minority)
@@ -207,32 +225,7 @@ def retime(out: Path, num_classes: int, rounds: int, runs: int, threads: list[in
     return result
 
 
-SERVING_CONDITIONS = ("fresh", "warm", "frozen")
-
-
-def serving_latency(model: torch.nn.Module, runs: int) -> dict[str, float]:
-    """Batch-1 p50 latency (ms, 224 px) of `model` in three serving conditions, in this order, in one process:
-
-    - "fresh": a process that has only ever run batch 1 (a server's first requests);
-    - "warm": after one batch-32 forward. glibc malloc then serves the large activations from its heap instead of
-      fresh mmap pages (its mmap threshold rises when a large block is freed), which spares page faults;
-    - "frozen": warm, and the model traced and frozen with TorchScript, which folds BatchNorm into the convolutions.
-    Raises if the frozen model's outputs differ from the eager model's.
-    """
-    x = torch.randn(1, 3, 224, 224)
-
-    def p50(forward) -> float:
-        return float(np.median(pruning.latencies_ms(forward, x, runs, warmup=3)))
-
-    with torch.no_grad():
-        result = {"fresh": p50(model)}
-        model(torch.randn(32, 3, 224, 224))
-        result["warm"] = p50(model)
-        frozen = torch.jit.freeze(torch.jit.trace(model, x, check_trace=False))  # checked below
-        if not torch.allclose(frozen(x), model(x), atol=1e-3, rtol=1e-3):
-            raise RuntimeError("the frozen model's outputs differ from the eager model's")
-        result["frozen"] = p50(frozen)
-    return result
+SERVING_CONDITIONS = pruning.SERVING_CONDITIONS  # fresh, warm, frozen: see pipelines.pruning.serving_latency
 
 
 def _rotated(items: list, shift: int) -> list:
@@ -242,8 +235,8 @@ def _rotated(items: list, shift: int) -> list:
 
 
 def serving_retime(out: Path, data: str, num_classes: int, rounds: int, runs: int, threads: list[int]) -> dict:
-    """`serving_latency` of every saved row, each measurement in its own new process (so "fresh" is fresh), in
-    interleaved rounds whose order rotates; each number is the median over rounds. Written to
+    """`pruning.serving_latency` of every saved row at 224 px, each measurement in its own new process (so "fresh"
+    is fresh), in interleaved rounds whose order rotates; each number is the median over rounds. Written to
     `serving_retime.json` with every round's values."""
     import subprocess
 
@@ -284,97 +277,120 @@ def serving_table(out: Path) -> str:
     return "\n".join(lines)
 
 
+def calibration_sets(train: tuple[np.ndarray, np.ndarray], class_names: list[str], norm: dict,
+                     settings: PruningConfig) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """The library's class-balanced calibration set and random BatchNorm sample of the training split, as batches."""
+    import pandas as pd
+
+    images, labels = train
+    table = pd.DataFrame({"label": np.asarray(class_names)[labels]})  # index = position in the arrays
+    picks = pruning.balanced_calibration_rows(table, settings.calibration_per_class, settings.seed).index.to_numpy()
+    sample = pruning.batchnorm_rows(table, settings.batchnorm_images, settings.seed).index.to_numpy()
+
+    def batches(index: np.ndarray, batch_size: int) -> list[torch.Tensor]:
+        dataset = ArrayDataset(images[index], labels[index], norm["mean"], norm["std"], False)
+        return [x for x, _ in DataLoader(dataset, batch_size=batch_size)]
+
+    return batches(picks, 32), batches(sample, 64)
+
+
+def append_row(out: Path, record: dict) -> None:
+    with (out / "results.jsonl").open("a") as handle:
+        handle.write(json.dumps(record) + "\n")
+
+
+def baseline(net: str, splits: dict, class_names: list[str], counts: list[int], minority: list[str],
+             done: set, args: argparse.Namespace) -> tuple:
+    """Phase 1 for one net: its baseline (trained once, cached), its "none" row, and what every row of it shares."""
+    out, settings = Path(args.out), args.settings
+    norm = default_normalization(net)
+    loaders = make_loaders(splits, norm["mean"], norm["std"], args.base_batch_size, args.eval_limit)
+    base_path = out / f"{net}_base.safetensors"
+    pretrained = args.pretrained and net in PRETRAINED_WEIGHTS
+    model = build_model(net, num_classes=len(class_names), img_size=args.size, pretrained=pretrained)
+    if base_path.is_file():
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(base_path))
+    else:
+        from safetensors.torch import save_file
+
+        started = time.perf_counter()
+        model = train_baseline(model, loaders, counts, args, out / f"{net}_base")
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base_path))
+        log.info("%s baseline trained in %.0f s", net, time.perf_counter() - started)
+    if (net, 0.0, "none") not in done:
+        save_row_model(out, net, "none", 0.0, model)
+        append_row(out, {"net": net, "target": 0.0, "method": "none",
+                         **pruning.measure_model(model, args.size, runs=settings.speed_runs),
+                         "speed_224": pruning.measure_speed(model, 224, runs=args.speed_runs_224),
+                         "test": evaluate(model, loaders[2].dataset, class_names, minority,
+                                          probs_file(out, net, "none", 0))})
+        done.add((net, 0.0, "none"))
+    calibration, batchnorm = calibration_sets(splits["train"], class_names, norm, settings)
+    tune_loaders = (fine_tune_loader(loaders[0], splits["train"][1], len(class_names), args.ft_sampler, settings),
+                    *loaders[1:])
+    return model, tune_loaders, calibration, batchnorm
+
+
+def benchmark_row(net: str, target: float, method: str, shared: tuple, counts: list[int], args: argparse.Namespace
+                  ) -> tuple[pruning.PruneResult, float]:
+    """Phase 2, one row: the unpruned fine-tune control, or a pruned copy fine-tuned after every stage."""
+    model, loaders, calibration, batchnorm = shared
+    settings = args.settings
+    started = time.perf_counter()
+    run_dir = Path(args.out) / row_name(net, method, target)
+    if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
+        tune = fine_tuner(model, loaders, counts, args, run_dir, epochs=settings.fine_tune_epochs * settings.steps)
+        tuned = tune(copy.deepcopy(model), 1)
+        pruning.recalibrate_batchnorm(tuned, batchnorm)  # as every pruned net gets after its fine-tune
+        flops = pruning.count_flops(tuned, args.size)
+        result = pruning.PruneResult(model=tuned, base_flops=flops, flops=flops)
+    else:
+        result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size, calibration=calibration,
+                                        steps=settings.steps, global_pruning=settings.global_pruning,
+                                        max_layer_pruning=settings.max_layer_pruning,
+                                        fine_tune=fine_tuner(model, loaders, counts, args, run_dir),
+                                        seed=settings.seed, batchnorm_batches=batchnorm, round_to=settings.round_to,
+                                        layer_ratios=settings.layer_ratios)
+    return result, started
+
+
 def run(args: argparse.Namespace) -> None:
-    layer_ratios = pruning.parse_layer_ratios(args.layer_ratio)  # a malformed one fails now, not after the baseline
+    settings = args.settings
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(settings.seed)
     splits, class_names = load_data(Path(args.data), args.size, out / f"images_{args.size}.npz")
     counts = np.bincount(splits["train"][1], minlength=len(class_names)).tolist()
     minority = pruning.minority_classes_of(counts, class_names)
     log.info("train %s, classes %s, minority %s", counts, class_names, minority)
-    results_path = out / "results.jsonl"
     done = set()
-    if results_path.is_file():
+    if (out / "results.jsonl").is_file():
         done = {(r["net"], r["target"], r["method"]) for r in read_rows(out)}
-    calib_x, calib_y = splits["train"]
-    nets = {}
-    for net in args.nets:  # phase 1: every baseline (trained once, cached)
-        norm = default_normalization(net)
-        loaders = make_loaders(splits, norm["mean"], norm["std"], args.batch_size, args.eval_limit)
-        base_path = out / f"{net}_base.safetensors"
-        pretrained = args.pretrained and net in PRETRAINED_WEIGHTS
-        model = build_model(net, num_classes=len(class_names), img_size=args.size, pretrained=pretrained)
-        if base_path.is_file():
-            from safetensors.torch import load_file
-
-            model.load_state_dict(load_file(base_path))
-        else:
-            started = time.perf_counter()
-            model = train(model, loaders, counts, args, out / f"{net}_base", args.base_epochs, args.base_steps,
-                          args.lr)
-            from safetensors.torch import save_file
-
-            save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base_path))
-            log.info("%s baseline trained in %.0f s", net, time.perf_counter() - started)
-        if (net, 0.0, "none") not in done:
-            save_row_model(out, net, "none", 0.0, model)
-            record = {"net": net, "target": 0.0, "method": "none", **pruning.measure_model(model, args.size),
-                      "speed_224": pruning.measure_speed(model, 224, runs=args.speed_runs_224),
-                      "test": evaluate(model, loaders[2], class_names, minority, probs_file(out, net, "none", 0))}
-            with results_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
-            done.add((net, 0.0, "none"))
-        # class-balanced calibration set from the training split
-        rng = np.random.default_rng(args.seed)
-        picks = np.concatenate([rng.permutation(np.flatnonzero(calib_y == c))[: args.calib_per_class]
-                                for c in range(len(class_names))])
-        calib_ds = ArrayDataset(calib_x[picks], calib_y[picks], norm["mean"], norm["std"], False)
-        # BatchNorm statistics are re-estimated on a random (not class-balanced) training sample
-        sample = rng.permutation(len(calib_y))[: args.batchnorm_images]
-        norm_ds = ArrayDataset(calib_x[sample], calib_y[sample], norm["mean"], norm["std"], False)
-        teacher = copy.deepcopy(model) if args.distill_weight > 0 else None  # the unpruned baseline, frozen
-        nets[net] = (model, loaders, [x for x, _ in DataLoader(calib_ds, batch_size=32)],
-                     [x for x, _ in DataLoader(norm_ds, batch_size=64)], teacher)
+    # phase 1: every baseline (trained once, cached)
+    nets = {net: baseline(net, splits, class_names, counts, minority, done, args) for net in args.nets}
     # phase 2: the unpruned fine-tune control, then the grid, most informative target first
     grid = [(0.0, "unpruned+ft")] + [(target, method) for target in args.targets for method in args.methods]
     for target, method in grid:
-        for net, (model, loaders, calibration, batchnorm, teacher) in nets.items():
+        for net, shared in nets.items():
             if (net, target, method) in done:
                 continue
-            started = time.perf_counter()
-            run_dir = out / row_name(net, method, target)
-            tune_loaders = fine_tune_loaders(loaders, splits["train"][1], len(class_names), args)
-
-            def fine_tune(m, stage, run_dir=run_dir, loaders=tune_loaders, epochs=args.ft_epochs, teacher=teacher):
-                return train(m, loaders, counts, args, run_dir / f"stage{stage}", epochs, args.ft_steps, args.ft_lr,
-                             teacher=teacher, weighting="none" if args.ft_sampler == "balanced" else "inverse")
-
-            if method == "unpruned+ft":  # the whole fine-tuning budget a pruned net gets over its stages
-                tuned = fine_tune(copy.deepcopy(model), 1, epochs=args.ft_epochs * args.steps)
-                pruning.recalibrate_batchnorm(tuned, batchnorm)  # as every pruned net gets after its fine-tune
-                flops = pruning.count_flops(tuned, args.size)
-                result = pruning.PruneResult(model=tuned, base_flops=flops, flops=flops)
-            else:
-                result = pruning.prune_to_flops(copy.deepcopy(model), method, target, args.size,
-                                                calibration=calibration, steps=args.steps, fine_tune=fine_tune,
-                                                seed=args.seed, batchnorm_batches=batchnorm,
-                                                round_to=args.round_to, global_pruning=args.global_pruning,
-                                                layer_ratios=layer_ratios)
+            result, started = benchmark_row(net, target, method, shared, counts, args)
             save_row_model(out, net, method, target, result.model)
-            record = {"net": net, "target": target, "method": method, "steps": args.steps,
-                      "ft_epochs": args.ft_epochs, "ft_sampler": args.ft_sampler, "round_to": args.round_to,
-                      "global_pruning": args.global_pruning, "distill_weight": args.distill_weight,
-                      "distill_class_weighted": args.distill_class_weighted, "seed": args.seed,
-                      "layer_ratios": layer_ratios,
+            record = {"net": net, "target": target, "method": method, "steps": settings.steps,
+                      "ft_epochs": settings.fine_tune_epochs, "ft_sampler": args.ft_sampler,
+                      "round_to": settings.round_to, "global_pruning": settings.global_pruning,
+                      "distill_weight": settings.distill_weight,
+                      "distill_class_weighted": settings.distill_class_weighted, "seed": settings.seed,
+                      "layer_ratios": settings.layer_ratios, "pruning_settings": settings.model_dump(),
                       "flops_reduction": result.flops_reduction, "stages": result.stages,
-                      **pruning.measure_model(result.model, args.size),
+                      **pruning.measure_model(result.model, args.size, runs=settings.speed_runs),
                       "speed_224": pruning.measure_speed(result.model, 224, runs=args.speed_runs_224),
-                      "test": evaluate(result.model, loaders[2], class_names, minority,
+                      "test": evaluate(result.model, shared[1][2].dataset, class_names, minority,
                                        probs_file(out, net, method, target)),
                       "seconds": time.perf_counter() - started}
-            with results_path.open("a") as handle:
-                handle.write(json.dumps(record) + "\n")
+            append_row(out, record)
             log.info("%s %s %.0f%%: FLOPs -%.1f%%, bal acc %.3f, mal AUC %.3f (%.0f s)", net, method,
                      100 * target, 100 * result.flops_reduction, record["test"]["balanced_accuracy"],
                      record["test"]["malignant_auc"], record["seconds"])
@@ -518,44 +534,35 @@ def plot(results_path: Path, png: Path, class_names: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+# PruningConfig fields the benchmark sets otherwise (--methods, --targets) or does not use; the others are flags
+# with PruningConfig's defaults, under the benchmark's names
+NOT_FLAGS = ("method", "flops_reduction", "eval_split", "target_sensitivity", "bootstrap")
+FLAG_NAMES = {"fine_tune_epochs": "ft_epochs", "fine_tune_lr": "ft_lr", "max_steps_per_epoch": "ft_steps",
+              "calibration_per_class": "calib_per_class", "global_pruning": "global", "layer_ratios": "layer_ratio"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from pipelines.cli.common import add_model_arguments
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", help="HAM10000 root (metadata.csv + images/), e.g. ../shared/data/ham10000")
     parser.add_argument("--out", default="runs/prune_bench")
     parser.add_argument("--size", type=int, default=64)
     parser.add_argument("--nets", nargs="+", default=["small-cnn", "efficientnet-b0"])
-    parser.add_argument("--methods", nargs="+", default=list(pruning.METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(pruning.METHODS), choices=list(pruning.METHODS))
     parser.add_argument("--targets", nargs="+", type=float, default=[0.5, 0.3, 0.7])
-    parser.add_argument("--steps", type=int, default=1, help="prune -> fine-tune stages")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-3)
-    parser.add_argument("--ft-lr", type=float, default=5e-4)
+    parser.add_argument("--base-batch-size", type=int, default=64, help="batch size of the baseline training")
+    parser.add_argument("--lr", type=float, default=2e-3, help="learning rate of the baseline training")
     parser.add_argument("--base-epochs", type=int, default=6)
     parser.add_argument("--base-steps", type=int, default=None)
-    parser.add_argument("--ft-epochs", type=int, default=1)
-    parser.add_argument("--ft-steps", type=int, default=None, help="fine-tuning steps per epoch (default: all)")
     parser.add_argument("--eval-limit", type=int, default=None, help="validation images used by the trainer")
-    parser.add_argument("--calib-per-class", type=int, default=16)
-    parser.add_argument("--batchnorm-images", type=int, default=512,
-                        help="random training images BatchNorm statistics are re-estimated on")
-    parser.add_argument("--round-to", type=int, default=None,
-                        help="keep multiples of this many channels per pruned layer (default: no rounding)")
-    parser.add_argument("--global", dest="global_pruning", action="store_true",
-                        help="rank filters across all layers (default: the same ratio in every layer)")
-    parser.add_argument("--distill-weight", type=float, default=0.0,
-                        help="distillation from the unpruned baseline during every fine-tune (default 0: off)")
-    parser.add_argument("--distill-temperature", type=float, default=2.0)
-    parser.add_argument("--distill-class-weighted", action="store_true",
-                        help="weight each image's distillation term by its class's loss weight (default: plain "
-                             "batch mean)")
-    parser.add_argument("--layer-ratio", nargs="+", default=[], metavar="CONV=FRACTION",
-                        help="fix the fraction of a conv's filters removed (e.g. backbone.features.0=0.75)")
+    add_model_arguments(parser, PruningConfig, skip=NOT_FLAGS, flags=FLAG_NAMES,
+                        metavars={"layer_ratios": "CONV=FRACTION", "fine_tune_epochs": "EPOCHS", "fine_tune_lr": "LR",
+                                  "max_steps_per_epoch": "STEPS", "calibration_per_class": "N"})
     parser.add_argument("--ft-sampler", choices=["none", "balanced"], default="none",
                         help="fine-tuning draws (default: shuffled, class-weighted loss; balanced: every class "
                              "equally often, unweighted loss)")
-    parser.add_argument("--speed-runs", type=int, default=50)
     parser.add_argument("--speed-runs-224", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--pretrained", action="store_true",
                         help="start EfficientNet-Lite from ImageNet weights and B0 from ImageNet Lite0 weights")
     parser.add_argument("--plot", action="store_true", help="only write table + plot from results.jsonl")
@@ -572,12 +579,32 @@ def main() -> None:
     parser.add_argument("--serve-one", help=argparse.SUPPRESS)  # the child process of --serving: one saved row
     parser.add_argument("--serve-threads", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--serve-classes", type=int, default=7, help=argparse.SUPPRESS)
+    return parser
+
+
+def pruning_settings(parser: argparse.ArgumentParser, args: argparse.Namespace) -> PruningConfig:
+    """The PruningConfig of the flags given (the library's defaults for the others), logged with what differs."""
+    from pipelines.cli.common import CliError, settings_from_args
+
+    try:
+        settings = settings_from_args(PruningConfig, args, "pruning")
+    except CliError as err:
+        parser.error(str(err))
+    defaults = PruningConfig().model_dump()
+    changed = {k: v for k, v in settings.model_dump().items() if v != defaults[k] and k not in NOT_FLAGS}
+    log.info("pruning settings: PruningConfig defaults%s", f", except {changed}" if changed else "")
+    return settings
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.settings = pruning_settings(parser, args)
     if args.serve_one:
         torch.set_num_threads(args.serve_threads)
         model = load_row_model(Path(args.out), saved_rows(Path(args.out))[args.serve_one], args.serve_classes)
-        print(json.dumps(serving_latency(model, args.speed_runs_224)))
+        print(json.dumps(pruning.serving_latency(model, args.speed_runs_224)))
         return
     if args.plot or args.retime or args.serving:
         out = Path(args.out)

@@ -104,7 +104,7 @@ def ship(run_dir: Path, data: Path, dest: Path, version: str, target_sensitivity
     from safetensors.torch import load_file, save_file
 
     from models.bundle import load_bundle
-    from pipelines.evaluation import compute_metrics, referral_threshold
+    from pipelines.evaluation import card_metrics, compute_metrics, referral_threshold
 
     source = run_dir / "bundle"
     trained = load_bundle(source)
@@ -127,13 +127,6 @@ def ship(run_dir: Path, data: Path, dest: Path, version: str, target_sensitivity
     test_y, test_p, test_rows = _score(shipped, test)
     _, trained_p, _ = _score(trained, test)
 
-    def clinical(metrics: dict) -> dict:
-        keep = ("n", "accuracy", "balanced_accuracy", "malignant_auc", "ece", "at_operating_threshold",
-                "sensitivity_at_80_specificity", "sensitivity_at_90_specificity")
-        block = {k: metrics[k] for k in keep if k in metrics}
-        block["recall"] = {c: v["recall"] for c, v in metrics["per_class"].items()}
-        return block
-
     counts = slides.groupby(["split", "label"]).size().unstack(fill_value=0)
     card.update(
         description=DESCRIPTION,
@@ -147,8 +140,8 @@ def ship(run_dir: Path, data: Path, dest: Path, version: str, target_sensitivity
         weights_dtype="float16",
         operating_threshold=t,
         threshold_metrics=threshold,
-        metrics={"validation": clinical(compute_metrics(val_y, val_p, names, malignant, t)),
-                 "test": clinical(compute_metrics(test_y, test_p, names, malignant, t))},
+        metrics={"validation": card_metrics(compute_metrics(val_y, val_p, names, malignant, t)),
+                 "test": card_metrics(compute_metrics(test_y, test_p, names, malignant, t))},
         data_counts={
             "images": int(len(slides)),
             "tma_batches": int(slides.group.nunique()),

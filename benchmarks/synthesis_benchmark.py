@@ -38,7 +38,7 @@ def main() -> None:
     from pipelines.abcd import abcd_descriptors
     from pipelines.captions import caption_manifest
     from pipelines.manifest import ingest_ham10000
-    from pipelines.tiny_flux import save_tiny_flux
+    from pipelines.synthesis.tiny_flux import save_tiny_flux
 
     results: dict[str, object] = {"torch_threads": torch.get_num_threads(), "resolution": args.resolution}
     df = ingest_ham10000(args.data).sample(n=args.images, random_state=0).reset_index(drop=True)

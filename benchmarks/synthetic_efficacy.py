@@ -29,7 +29,6 @@ import datetime
 import hashlib
 import json
 import logging
-import math
 import os
 import platform
 import shlex
@@ -47,20 +46,27 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from pipelines.manifest import DEFAULT_MALIGNANT, append_train_rows, write_manifest  # noqa: E402
+from pipelines.config import HAM10000_MALIGNANT as DEFAULT_MALIGNANT  # noqa: E402
+from pipelines.synthesis.efficacy import (  # noqa: E402
+    ARM_DIRS,
+    ARMS,
+    MIN_PER_CLASS,
+    build_arm_manifests,
+    paired_change,
+    rare_classes_of,
+    subsample_train,
+)
+from pipelines.synthesis.efficacy import REAL_ONLY as REAL  # noqa: E402
+from pipelines.synthesis.efficacy import WITH_SYNTHETIC as SYNTHETIC  # noqa: E402
 
 log = logging.getLogger("synthetic_efficacy")
 
-REAL, SYNTHETIC = "real only", "real + synthetic"
-ARMS = (REAL, SYNTHETIC)
-ARM_DIRS = {REAL: "real_only", SYNTHETIC: "real_plus_synthetic"}
 HARNESS_CHECK = "a check of the harness, not of FLUX"
 SOURCES = ("smote", "tiny-flux", "folder:PATH")
-MIN_PER_CLASS = 2  # SMOTE interpolates between two images of a class; every class keeps at least this many
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Real rows: the grouped split, the rare classes and the N-image subsample
+# Real rows: the grouped split (rare classes and the N-image subsample: `pipelines.synthesis.efficacy`)
 
 
 def load_real_split(data: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15,
@@ -69,65 +75,6 @@ def load_real_split(data: str | Path, val_fraction: float = 0.15, test_fraction:
     from pipelines.manifest import grouped_split, ingest_ham10000
 
     return grouped_split(ingest_ham10000(data), val_fraction, test_fraction, seed=split_seed)
-
-
-def rare_classes_of(manifest: pd.DataFrame, explicit: Sequence[str] | None = None) -> list[str]:
-    """The classes synthetic images are added to: `explicit`, or those with fewer training images than the median."""
-    counts = manifest.loc[manifest.split == "train", "label"].value_counts()
-    if explicit:
-        unknown = [c for c in explicit if c not in counts.index]
-        if unknown:
-            raise ValueError(f"rare classes {unknown} have no training images; the classes are {sorted(counts.index)}")
-        return sorted(set(explicit))
-    median = float(np.median(counts.to_numpy()))
-    rare = sorted(str(c) for c, n in counts.items() if n < median)
-    if not rare:
-        raise ValueError(f"no class has fewer training images than the median ({median:g}); name them with "
-                         "--rare-classes")
-    return rare
-
-
-def stratified_quotas(counts: dict[str, int], n: int, min_per_class: int = MIN_PER_CLASS) -> dict[str, int]:
-    """Images per class for a subsample of `n`: proportional (largest remainder), at least `min_per_class` each."""
-    total = sum(counts.values())
-    if not 0 < n <= total:
-        raise ValueError(f"--n-real {n} is not between 1 and the {total} real training images")
-    floor = {c: min(k, min_per_class) for c, k in counts.items()}
-    if sum(floor.values()) > n:
-        raise ValueError(f"--n-real {n} is too small to keep {min_per_class} images of each of the {len(counts)} "
-                         f"classes; use at least {sum(floor.values())}")
-    share = {c: n * k / total for c, k in counts.items()}
-    quota = {c: max(floor[c], min(counts[c], math.floor(share[c]))) for c in counts}
-    # Hand out the rest by largest remainder (ties by class name), shrink the largest quotas if the floor overshot.
-    order = sorted(counts, key=lambda c: (-(share[c] - math.floor(share[c])), c))
-    while sum(quota.values()) < n:
-        for c in order:
-            if sum(quota.values()) < n and quota[c] < counts[c]:
-                quota[c] += 1
-    while sum(quota.values()) > n:
-        c = max((c for c in counts if quota[c] > floor[c]), key=lambda c: (quota[c] - share[c], c))
-        quota[c] -= 1
-    return quota
-
-
-def subsample_train(manifest: pd.DataFrame, n: int | None, seed: int = 0) -> pd.DataFrame:
-    """The manifest with its real training rows cut to a class-stratified random `n` (None: all); other rows as given.
-
-    Each row gets one random key from `seed`, and each class keeps its rows with the smallest keys, so a smaller N is
-    (up to rounding of the quotas) a subset of a larger one and every arm at one N sees exactly the same rows.
-    """
-    train = (manifest.split == "train").to_numpy()
-    if n is None:
-        return manifest.reset_index(drop=True)
-    labels = manifest.label.astype(str).to_numpy()
-    counts = {str(c): int(k) for c, k in pd.Series(labels[train]).value_counts().sort_index().items()}
-    quota = stratified_quotas(counts, n)
-    keys = np.random.default_rng(seed).random(len(manifest))
-    keep = ~train
-    for label, k in quota.items():
-        rows = np.flatnonzero(train & (labels == label))
-        keep[rows[np.argsort(keys[rows], kind="stable")[:k]]] = True
-    return manifest[keep].reset_index(drop=True)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -194,8 +141,9 @@ def tiny_flux_rows(manifest: pd.DataFrame, rare: Sequence[str], per_class: int, 
     `pipelines.synthesis.synthesize` generates from those captions with `base` (default: the tiny offline pipeline,
     built into out_dir) through the memorisation guard. Returns the synthetic rows with their provenance."""
     from pipelines.captions import caption_manifest
-    from pipelines.synthesis import SynthesisConfig, synthesize
-    from pipelines.tiny_flux import TINY_IMAGE_SIZE, save_tiny_flux
+    from pipelines.config import SynthesisConfig
+    from pipelines.synthesis import synthesize
+    from pipelines.synthesis.tiny_flux import TINY_IMAGE_SIZE, save_tiny_flux
 
     out_dir = Path(out_dir)
     if base is None:
@@ -217,21 +165,13 @@ def tiny_flux_rows(manifest: pd.DataFrame, rare: Sequence[str], per_class: int, 
 def folder_rows(manifest: pd.DataFrame, rare: Sequence[str], per_class: int, folder: str | Path,
                 seed: int = 0) -> pd.DataFrame:
     """`per_class` images for each rare class drawn (fixed seed, without replacement) from `folder/<class>/<image>`."""
-    from pipelines.synthesis import synthetic_rows_from_folder
+    from pipelines.synthesis import sample_per_class, synthetic_rows_from_folder
 
     rows = synthetic_rows_from_folder(folder)
-    available = rows.label.value_counts()
-    short = {c: int(available.get(c, 0)) for c in rare if available.get(c, 0) < per_class}
-    if short:
-        raise ValueError(f"'{folder}' has fewer than {per_class} images for rare classes {short}; expected "
-                         f"{folder}/<class>/<image> with a sub-folder per rare class ({', '.join(rare)})")
     unknown = sorted(set(rows.label) - set(manifest.label))
     if unknown:
         log.warning("synthetic sub-folders %s are not classes of the data; they are not used", unknown)
-    rng = np.random.default_rng(seed)
-    picked = [rows[rows.label == c].iloc[np.sort(rng.choice(int(available[c]), per_class, replace=False))]
-              for c in sorted(rare)]
-    return pd.concat(picked, ignore_index=True)
+    return sample_per_class(rows, rare, per_class, seed, where=f"'{folder}'")
 
 
 def synthetic_rows(source: str, manifest: pd.DataFrame, rare: Sequence[str], per_class: int, out_dir: str | Path,
@@ -262,40 +202,6 @@ def source_label(source: str) -> str:
     """The source's name; SMOTE and the tiny pipeline add that they only check the harness."""
     name = source_name(source)
     return name if source.startswith("folder:") else f"{name} ({HARNESS_CHECK})"
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# The two arms' manifests
-
-
-def build_arm_manifests(manifest: pd.DataFrame, synthetic: pd.DataFrame, out_dir: str | Path) -> dict[str, Path]:
-    """Write the "real only" manifest and the "real + synthetic" one (the same rows, then the synthetic rows appended
-    to the training split) under `out_dir`; returns {arm: manifest path}.
-
-    The synthetic rows keep only the real manifest's columns (their provenance goes to `synthetic_rows.csv`), so
-    every real row of the two files is the same line, byte for byte.
-    """
-    out_dir = Path(out_dir)
-    bad = synthetic[(synthetic.split != "train") | (synthetic.source != "synthetic")]
-    if len(bad):
-        raise ValueError(f"synthetic row '{bad.image_id.iloc[0]}' has split={bad.split.iloc[0]!r}, "
-                         f"source={bad.source.iloc[0]!r}; expected split=train, source=synthetic")
-    unknown = sorted(set(synthetic.label) - set(manifest.label))
-    if unknown:
-        raise ValueError(f"synthetic classes {unknown} are not classes of the real data "
-                         f"({sorted(set(manifest.label))})")
-    if (manifest.source != "real").any():
-        raise ValueError("the real manifest already holds synthetic rows; expected real rows only")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    synthetic.to_csv(out_dir / "synthetic_rows.csv", index=False)
-    added = synthetic[[c for c in manifest.columns if c in synthetic.columns]]
-    if "malignant" in manifest.columns:
-        by_label = manifest.drop_duplicates("label").set_index("label")["malignant"]
-        added = added.assign(malignant=[by_label[label] for label in added.label])
-    paths = {REAL: write_manifest(manifest, out_dir / ARM_DIRS[REAL] / "manifest.csv")}
-    paths[SYNTHETIC] = write_manifest(append_train_rows(manifest, added)[list(manifest.columns)],
-                                      out_dir / ARM_DIRS[SYNTHETIC] / "manifest.csv")
-    return paths
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -419,10 +325,9 @@ def run_arm(arm: str, manifest_path: str | Path, run_dir: str | Path, seed: int,
 
 def compare_arms(reference: dict[str, Any], candidate: dict[str, Any], rare: Sequence[str], n_boot: int = 1000,
                  seed: int | None = None, confidence: float = 0.95) -> dict[str, Any]:
-    """Change (candidate - reference) on the same real test rows, with paired, class-stratified bootstrap intervals:
-    balanced accuracy and malignant AUC from `paired_bootstrap_delta`, each rare class's recall on the same resamples
-    (`stratified_bootstrap_indices` with the same seed)."""
-    from pipelines.evaluation import BOOTSTRAP_SEED, paired_bootstrap_delta, stratified_bootstrap_indices
+    """Change (candidate - reference) on the same real test rows, with paired, class-stratified bootstrap intervals
+    (`pipelines.synthesis.efficacy.paired_change`): balanced accuracy, malignant AUC and each rare class's recall."""
+    from pipelines.config import BOOTSTRAP_SEED
 
     seed = BOOTSTRAP_SEED if seed is None else seed
     if reference["test_rows_sha256"] != candidate["test_rows_sha256"] or not np.array_equal(
@@ -433,26 +338,9 @@ def compare_arms(reference: dict[str, Any], candidate: dict[str, Any], rare: Seq
         raise ValueError(f"arms have different classes {reference['class_names']} and {candidate['class_names']}")
     if n_boot < 1:
         raise ValueError(f"--bootstrap must be at least 1 resample, got {n_boot}")
-    y = np.asarray(reference["test_labels"])
-    class_names, malignant = list(reference["class_names"]), list(reference["malignant_classes"])
-    change: dict[str, Any] = paired_bootstrap_delta(y, reference["test_probs"], candidate["test_probs"], class_names,
-                                                    malignant, n_boot, seed, confidence)
-    idx = stratified_bootstrap_indices(y, n_boot, seed)
-    right = {side: (arm["test_probs"].argmax(axis=1) == y) for side, arm in
-             (("reference", reference), ("candidate", candidate))}
-    tail = 100 * (1 - confidence) / 2
-    change["recall"] = {}
-    for name in rare:
-        rows = np.flatnonzero(y == class_names.index(name))
-        if not len(rows):
-            continue
-        deltas = right["candidate"][idx[:, rows]].mean(axis=1) - right["reference"][idx[:, rows]].mean(axis=1)
-        low, high = np.percentile(deltas, [tail, 100 - tail])
-        change["recall"][name] = {"delta": float(right["candidate"][rows].mean() - right["reference"][rows].mean()),
-                                  "low": float(low), "high": float(high), "support": int(len(rows))}
-    change["bootstrap"] = {"method": "paired percentile bootstrap, stratified by class", "n_boot": int(n_boot),
-                           "seed": int(seed), "confidence": confidence}
-    return change
+    return paired_change(reference["test_labels"], reference["test_probs"], candidate["test_probs"],
+                         list(reference["class_names"]), list(reference["malignant_classes"]), rare, n_boot, seed,
+                         confidence)
 
 
 def _spread(values: list[float]) -> dict[str, Any]:

@@ -29,9 +29,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from models.registry import build_model, default_normalization
-from pipelines.balancing import build_loss
 from pipelines.data import ImageDataset
 from pipelines.manifest import ingest_ham10000
+from pipelines.training import build_loss
 from pipelines.transforms import train_transform
 
 log = logging.getLogger("train_throughput")

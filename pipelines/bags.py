@@ -1,15 +1,14 @@
-"""Bags for multiple instance learning: tile H&E images or slides into tissue patches, bag manifests, embedding cache.
+"""Bags for multiple instance learning: tile H&E images or slides into tissue patches, slide tables, bag manifests.
 
 A *slide* is one large H&E image (JPEG/PNG/TIFF), a pyramidal whole-slide file (SVS/NDPI/pyramidal TIFF, read
 through tiffslide or openslide when installed), or a folder of patches already extracted from one case. Tiling keeps
 the patches whose tissue fraction (saturation mask, Otsu threshold) reaches `min_tissue`; the bag manifest lists
-one row per kept patch: slide_id, path, label, group, split, x, y, level, size, tissue_fraction.
+one row per kept patch: slide_id, path, label, group, split, x, y, level, size, tissue_fraction. Patch tensors,
+encoder features and their cache are in `pipelines.mil.features`.
 """
 
 from __future__ import annotations
 
-import hashlib
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,14 +16,34 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
-import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from pipelines.config import TilingSettings
 from pipelines.images import IMAGE_SUFFIXES, ImageLimits, load_image
 
-log = logging.getLogger(__name__)
+__all__ = [
+    "BAG_COLUMNS",
+    "SLIDE_LIMITS",
+    "SLIDE_SUFFIXES",
+    "THUMBNAIL_MAX_SIDE",
+    "Bag",
+    "bag_from_patch_folder",
+    "bag_from_patches",
+    "build_bag_manifest",
+    "ingest_slide_table",
+    "is_whole_slide",
+    "load_bag",
+    "mosaic",
+    "mosaic_scale",
+    "read_bag_manifest",
+    "sample_patches",
+    "slide_level",
+    "tile_image",
+    "tile_whole_slide",
+    "tissue_mask",
+    "write_bag_manifest",
+]
 
 SLIDE_SUFFIXES = {".svs", ".ndpi", ".scn", ".mrxs", ".vms", ".svslide", ".bif"}
 BAG_COLUMNS = ["slide_id", "path", "label", "group", "split", "x", "y", "level", "size", "tissue_fraction"]
@@ -32,25 +51,6 @@ BAG_COLUMNS = ["slide_id", "path", "label", "group", "split", "x", "y", "level",
 SLIDE_LIMITS = ImageLimits(max_bytes=512 * 1024 * 1024, max_pixels=400_000_000, min_side=32)
 THUMBNAIL_MAX_SIDE = 2048  # the image a bag's coordinates are drawn on (heat-maps) is at most this long
 MASK_BLOCK_ROWS = 512  # the tissue mask converts this many rows to float at a time
-
-
-class TilingSettings(BaseModel):
-    """How a slide becomes a bag of patches."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    patch_size: int = Field(128, ge=8, description="patch side in pixels at `level`")
-    stride: int | None = Field(None, ge=1, description="step between patches (default: patch_size, no overlap)")
-    level: int = Field(0, ge=0, description="pyramid level of a whole-slide file (0 = full resolution)")
-    min_tissue: float = Field(0.5, ge=0, le=1, description="keep a patch when this fraction of it is tissue")
-    saturation_bounds: tuple[float, float] = Field(
-        (0.04, 0.15), description="the Otsu threshold on HSV saturation is clipped into this range"
-    )
-    max_patches: int | None = Field(None, ge=1, description="keep at most this many patches (the most tissue)")
-
-    @property
-    def step(self) -> int:
-        return self.stride or self.patch_size
 
 
 @dataclass
@@ -490,80 +490,3 @@ def read_bag_manifest(path: str | Path) -> pd.DataFrame:
         raise ValueError(f"bag manifest '{path}' lacks columns {missing}; expected {BAG_COLUMNS}")
     return df
 
-
-# Patch tensors and the embedding cache
-
-
-def patches_to_tensor(
-    patches: np.ndarray, input_size: int, mean: Sequence[float], std: Sequence[float]
-) -> torch.Tensor:
-    """(N, size, size, 3) uint8 patches -> (N, 3, input_size, input_size) normalised float tensor."""
-    x = torch.from_numpy(np.ascontiguousarray(patches)).permute(0, 3, 1, 2).float().div_(255.0)
-    if x.shape[-1] != input_size:
-        x = torch.nn.functional.interpolate(x, size=(input_size, input_size), mode="bilinear", antialias=True)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, 3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, 3, 1, 1)
-    return (x - mean_t) / std_t
-
-
-@torch.no_grad()
-def embed_patches(
-    encoder: torch.nn.Module,
-    patches: np.ndarray,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    batch_size: int = 64,
-) -> torch.Tensor:
-    """Instance features (N, D) of a bag's patches through a (frozen) encoder, in eval mode."""
-    encoder.eval()
-    device = next(encoder.parameters()).device
-    out = []
-    for start in range(0, len(patches), batch_size):
-        x = patches_to_tensor(patches[start : start + batch_size], input_size, mean, std).to(device)
-        out.append(encoder(x).float().cpu())
-    return torch.cat(out)
-
-
-def cache_key(path: str | Path, settings: TilingSettings, encoder_id: str) -> str:
-    """Cache file key: the slide file (path, size, mtime), the tiling settings and the encoder."""
-    path = Path(path)
-    stat = path.stat()
-    text = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{settings.model_dump_json()}|{encoder_id}"
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
-
-
-def cached_bag_features(
-    slides: pd.DataFrame,
-    settings: TilingSettings,
-    encoder: torch.nn.Module,
-    encoder_id: str,
-    input_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
-    cache_dir: str | Path,
-) -> dict[str, dict[str, torch.Tensor]]:
-    """{slide_id: {"features": (N, D), "coords": (N, 2)}}; each slide is tiled and embedded once, then read back."""
-    from safetensors.torch import load_file, save_file
-
-    cache_dir = Path(cache_dir)
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    hits = 0
-    for slide in tqdm(slides.itertuples(index=False), total=len(slides), desc="embedding bags", leave=False):
-        file = cache_dir / f"{slide.image_id}-{cache_key(slide.path, settings, encoder_id)}.safetensors"
-        if file.is_file():
-            out[slide.image_id] = load_file(file)
-            hits += 1
-            continue
-        bag = load_bag(slide.path, settings, slide.image_id)
-        entry = {
-            "features": embed_patches(encoder, bag.patches, input_size, mean, std).contiguous(),
-            "coords": torch.from_numpy(bag.coords.astype(np.int64)).contiguous(),
-        }
-        tmp = file.with_name(f".{file.name}.tmp")
-        save_file(entry, str(tmp))
-        tmp.replace(file)
-        out[slide.image_id] = entry
-    log.info("bag features: %d slides, %d from the cache in %s", len(out), hits, cache_dir)
-    return out

@@ -8,10 +8,10 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict
 
 from pipelines.abcd import abcd_descriptors
-from pipelines.config import stage_settings
+from pipelines.config import HAM10000_MALIGNANT, CaptionConfig, stage_settings
+from pipelines.stage import StageOutputs
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +24,11 @@ DIAGNOSIS_NAMES = {
     "nv": "melanocytic nevus",
     "vasc": "vascular lesion",
 }
-DEFAULT_MALIGNANT = ("mel", "bcc", "akiec")
 ABCD_COLUMNS = ["abcd_asymmetry", "abcd_border", "abcd_colour_count", "abcd_colours", "abcd_diameter_px"]
 LLM_INSTRUCTION = (
     "Rewrite this description of a dermoscopy image as fluent clinical prose for an image caption. Keep every fact "
     "and number, add nothing, answer with the caption only.\n\n"
 )
-
-
-class CaptionConfig(BaseModel):
-    """The `captions:` section of a run config."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    enabled: bool = True
-    splits: list[str] = ["train", "val", "test"]
-    llm: str | None = None  # local path of an instruction-tuned causal LM that rewrites the template captions
-    llm_max_new_tokens: int = 120
-    malignant_classes: list[str] = list(DEFAULT_MALIGNANT)
 
 
 def _describe_asymmetry(axes: int) -> str:
@@ -169,7 +156,7 @@ def caption_image(
 def caption_manifest(
     manifest: pd.DataFrame,
     splits: list[str] | None = None,
-    malignant_classes: list[str] | tuple[str, ...] = DEFAULT_MALIGNANT,
+    malignant_classes: list[str] | tuple[str, ...] = HAM10000_MALIGNANT,
     rewriter: LLMRewriter | None = None,
 ) -> pd.DataFrame:
     """A copy of the manifest with `caption` and ABCD columns filled for the rows in `splits` (all when None)."""
@@ -202,7 +189,7 @@ def caption_manifest(
 
 
 
-def run_caption_stage(config: Any, run_dir: str | Path, manifest_path: str | Path | None = None) -> Path:
+def run_caption_stage(config: Any, run_dir: str | Path, manifest_path: str | Path | None = None) -> StageOutputs:
     """Caption the run's manifest (`run_dir/manifest.csv` unless given); returns `run_dir/manifest_captioned.csv`."""
     from pipelines.manifest import read_manifest, write_manifest
 
@@ -211,31 +198,4 @@ def run_caption_stage(config: Any, run_dir: str | Path, manifest_path: str | Pat
     manifest_path = Path(manifest_path) if manifest_path else run_dir / "manifest.csv"
     rewriter = LLMRewriter(settings.llm, settings.llm_max_new_tokens) if settings.llm else None
     df = caption_manifest(read_manifest(manifest_path), settings.splits, settings.malignant_classes, rewriter)
-    return write_manifest(df, run_dir / "manifest_captioned.csv")
-
-
-def _cmd_caption(args: Any) -> None:
-    from pipelines.manifest import read_manifest, write_manifest
-
-    rewriter = LLMRewriter(args.llm, args.llm_max_new_tokens) if args.llm else None
-    splits = None if args.splits == ["all"] else args.splits
-    df = caption_manifest(read_manifest(args.manifest), splits, args.malignant_classes, rewriter)
-    out = write_manifest(df, args.out)
-    log.info("wrote %s", out)
-
-
-def add_cli(subparsers: Any) -> None:
-    """Register `lesionlab caption`."""
-    parser = subparsers.add_parser("caption", help="write ABCD captions (DermaFlux style) into a manifest")
-    parser.add_argument("--manifest", required=True, help="input manifest CSV")
-    parser.add_argument("--out", required=True, help="output manifest CSV with caption and abcd_* columns")
-    parser.add_argument("--splits", nargs="+", default=["all"], help="splits to caption (default: all)")
-    parser.add_argument("--llm", default=None, help="local folder of an instruction-tuned LLM to rewrite captions")
-    parser.add_argument("--llm-max-new-tokens", type=int, default=120)
-    parser.add_argument(
-        "--malignant-classes",
-        nargs="+",
-        default=list(DEFAULT_MALIGNANT),
-        help="used when the manifest has no `malignant` column",
-    )
-    parser.set_defaults(func=_cmd_caption)
+    return StageOutputs(manifest=write_manifest(df, run_dir / "manifest_captioned.csv"))

@@ -84,14 +84,14 @@ def run_cv(config: RunConfig, run_dir: str | Path, folds: int = 5, manifest: str
         log.info("cross-validation fold %d/%d: %s", i + 1, folds, fold.split.value_counts().to_dict())
         path = write_manifest(fold, fold_dir / "manifest.csv")
         result = run_stage("train", config, fold_dir, path)
-        card = read_card(result.outputs["bundle"])
+        card = read_card(result.outputs.bundle)
         test = card.get("metrics", {}).get("test", {})
         counts = fold.split.value_counts()
         rows.append({
             "fold": i,
             **{split: int(counts.get(split, 0)) for split in ("train", "val", "test")},
             **{metric: test.get(metric) for metric in METRICS},
-            "bundle": run_relative(result.outputs["bundle"], run_dir),
+            "bundle": run_relative(result.outputs.bundle, run_dir),
         })
     summary = {
         "folds": folds,

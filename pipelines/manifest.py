@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from pipelines.config import HAM10000_MALIGNANT, DataConfig
 from pipelines.images import IMAGE_SUFFIXES
 
 log = logging.getLogger(__name__)
@@ -21,7 +22,6 @@ REQUIRED_COLUMNS = ["image_id", "path", "label", "group", "split", "source"]
 SPLITS = ("train", "val", "test")
 SOURCES = ("real", "synthetic")
 HAM10000_COLUMNS = ["image_id", "lesion_id", "dx"]
-DEFAULT_MALIGNANT = ("mel", "bcc", "akiec")
 # Below this many images a class gets a warning at ingest: a 15 % test split then holds 3 or fewer of its images,
 # so its recall (and its share of the malignant AUC) is noise.
 MIN_IMAGES_PER_CLASS = 20
@@ -215,7 +215,7 @@ def ingest_ham10000(
             "source": "real",
         }
     )
-    malignant = DEFAULT_MALIGNANT if malignant_classes is None else tuple(malignant_classes)
+    malignant = HAM10000_MALIGNANT if malignant_classes is None else tuple(malignant_classes)
     df["malignant"] = df.label.isin(malignant).astype(int)
     # Read as text so that blanks are caught above; numbers keep their type in the manifest.
     typed = pd.read_csv(metadata_path, usecols=lambda c: c in ("dx_type", "age", "sex", "localization"))
@@ -385,3 +385,19 @@ def append_train_rows(manifest: pd.DataFrame, new_rows: pd.DataFrame) -> pd.Data
 def class_names_of(df: pd.DataFrame) -> list[str]:
     """Sorted class names present in a manifest."""
     return sorted(df.label.astype(str).unique())
+
+
+def read_dataset(data: DataConfig, check_malignant: bool = True) -> pd.DataFrame:
+    """The manifest rows of the configured dataset (a manifest CSV, the HAM10000 layout or class folders).
+
+    Labels are checked against data.classes (or the classes found) and, with `check_malignant`, against
+    data.malignant_classes; without it the HAM10000 layout marks its usual malignant classes, class folders none.
+    """
+    malignant = data.malignant_classes if check_malignant else None
+    if data.format == "manifest":
+        df = read_manifest(data.manifest)
+        check_labels(df.label, f"'{data.manifest}'", data.classes, malignant)
+        return df
+    if data.format == "ham10000":
+        return ingest_ham10000(data.root, data.metadata, data.images, malignant, data.classes)
+    return ingest_class_folders(data.root, data.groups, data.classes, malignant)

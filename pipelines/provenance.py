@@ -129,28 +129,6 @@ def describe_input(path: str | Path, run_dir: str | Path) -> dict[str, str | Non
     return {"path": run_relative(path, run_dir), "sha256": file_sha256(path) if Path(path).is_file() else None}
 
 
-def outputs_to_record(outputs: Mapping[str, Any], run_dir: str | Path) -> tuple[dict[str, Any], list[str]]:
-    """A stage's outputs with every existing file or folder stored relative to the run directory (or absolute when
-    outside it), and the names of those path entries."""
-    stored, paths = {}, []
-    for key, value in outputs.items():
-        if isinstance(value, (str, Path)) and str(value) and Path(value).exists():
-            stored[key] = run_relative(value, run_dir)
-            paths.append(key)
-        else:
-            stored[key] = value
-    return stored, paths
-
-
-def outputs_from_record(record: Mapping[str, Any], paths: Iterable[str], run_dir: str | Path) -> dict[str, Any]:
-    """The inverse of `outputs_to_record`: path entries resolved against the run directory they were read from."""
-    outputs = dict(record)
-    for key in paths:
-        if isinstance(outputs.get(key), str):
-            outputs[key] = str(Path(run_dir) / outputs[key])  # an absolute entry stays as it is
-    return outputs
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     """Write a file through a temporary file and a rename, so a killed process never leaves half a file."""
     path.parent.mkdir(parents=True, exist_ok=True)

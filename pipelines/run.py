@@ -19,25 +19,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
-
 from pipelines.config import DataConfig, RunConfig
+from pipelines.manifest import read_dataset
 from pipelines.provenance import (
     atomic_write_text,
     changed_fields,
     code_version,
     config_sections,
     describe_input,
-    outputs_from_record,
-    outputs_to_record,
     record_attempt,
     run_relative,
     value_sha256,
 )
+from pipelines.stage import StageOutputs
 
 log = logging.getLogger(__name__)
 
-StageFn = Callable[[RunConfig, Path, Path | None], dict[str, Any]]
+StageFn = Callable[[RunConfig, Path, Path | None], StageOutputs]
 UNKNOWN_PROVENANCE = "its marker has no provenance record (written by an older lesionlab): unknown provenance"
 
 
@@ -45,21 +43,7 @@ class StaleStageError(ValueError):
     """A finished stage whose recorded provenance differs from the current run, refused under `--no-rerun`."""
 
 
-def read_dataset(data: DataConfig) -> pd.DataFrame:
-    """The manifest rows of the configured dataset (a manifest CSV, the HAM10000 layout or class folders)."""
-    from pipelines.manifest import check_labels, ingest_class_folders, ingest_ham10000, read_manifest
-
-    # Labels are checked against data.classes (or the classes found) and data.malignant_classes at the boundary.
-    if data.format == "manifest":
-        df = read_manifest(data.manifest)
-        check_labels(df.label, f"'{data.manifest}'", data.classes, data.malignant_classes)
-        return df
-    if data.format == "ham10000":
-        return ingest_ham10000(data.root, data.metadata, data.images, data.malignant_classes, data.classes)
-    return ingest_class_folders(data.root, classes=data.classes, malignant_classes=data.malignant_classes)
-
-
-def stage_ingest(config: RunConfig, run_dir: Path, manifest: Path | None) -> dict[str, Any]:
+def stage_ingest(config: RunConfig, run_dir: Path, manifest: Path | None) -> StageOutputs:
     """Read the dataset layout into a manifest and split it by group."""
     from pipelines.manifest import grouped_split, write_manifest
 
@@ -69,26 +53,28 @@ def stage_ingest(config: RunConfig, run_dir: Path, manifest: Path | None) -> dic
         df = grouped_split(df, config.split.val_fraction, config.split.test_fraction, config.split.seed)
     path = write_manifest(df, run_dir / "manifest.csv")
     counts = df.groupby(["split", "label"]).size().unstack(fill_value=0).to_dict(orient="index")
-    return {"manifest": str(path), "counts": counts}
+    return StageOutputs(manifest=path, summary={"counts": counts})
 
 
 def _plugin(target: str) -> StageFn:
-    """A stage implemented in another module, called as fn(config, run_dir, manifest) -> outputs."""
+    """A stage implemented in another module, called as fn(config, run_dir, manifest) -> StageOutputs."""
 
-    def run(config: RunConfig, run_dir: Path, manifest: Path | None) -> dict[str, Any]:
+    def run(config: RunConfig, run_dir: Path, manifest: Path | None) -> StageOutputs:
         module_name, function = target.split(":")
         outputs = getattr(importlib.import_module(module_name), function)(config, run_dir, manifest)
-        return outputs if isinstance(outputs, dict) else {"manifest": str(outputs)}
+        if not isinstance(outputs, StageOutputs):
+            raise TypeError(f"stage {target} returned {type(outputs).__name__}, not StageOutputs")
+        return outputs
 
     return run
 
 
-def stage_train(config: RunConfig, run_dir: Path, manifest: Path | None) -> dict[str, Any]:
+def stage_train(config: RunConfig, run_dir: Path, manifest: Path | None) -> StageOutputs:
     """Train the classifier on the current manifest; write bundle and report."""
     from pipelines.training import train_from_config
 
     bundle = train_from_config(config, run_dir, manifest)
-    return {"bundle": str(bundle), "report": str(run_dir / "report" / "report.md")}
+    return StageOutputs(bundle=bundle, report=run_dir / "report" / "report.md")
 
 
 @dataclass(frozen=True)
@@ -163,7 +149,7 @@ def stage_provenance(stage: Stage, config: RunConfig, run_dir: Path, manifest: P
 def why_stale(marker: dict[str, Any], current: dict[str, Any], config_only: bool = False) -> str | None:
     """Why a finished stage's marker no longer describes what the current run would produce (None if it does)."""
     recorded = marker.get("provenance")
-    if not isinstance(recorded, dict):
+    if not isinstance(recorded, dict) or not isinstance(marker.get("outputs"), dict):
         return UNKNOWN_PROVENANCE
     reasons = []
     changes = changed_fields(recorded.get("config", {}), current["config"])
@@ -224,7 +210,7 @@ class StageResult:
     """What `run_stage` did: the stage's outputs (paths resolved in the run directory), whether it ran, and the
     attempt whose config it ran with (None when reused)."""
 
-    outputs: dict[str, Any]
+    outputs: StageOutputs
     ran: bool
     attempt: int | None = None
 
@@ -262,8 +248,7 @@ def run_stage(
                 log.info("stage %s: outputs from code version %s reused (now %s)", name, recorded.get("code"),
                          code_version())
             log.info("stage %s: already complete with the same config and inputs, skipped", name)
-            outputs = {k: v for k, v in marker.items() if k != "provenance"}
-            return StageResult(outputs_from_record(outputs, recorded.get("paths", []), run_dir), ran=False)
+            return StageResult(StageOutputs.from_record(marker.get("outputs", {}), run_dir), ran=False)
         if not rerun:
             raise _refusal(name, run_dir, reason)
         log.info("stage %s: re-running, with every stage after it: %s", name, reason)
@@ -284,18 +269,18 @@ def run_stage(
         processes.wait_for_everyone()
 
     outputs = stage.function(config, run_dir, manifest)
-    stored, paths = outputs_to_record(outputs, run_dir)
     if main:
-        provenance = {**current, "code": code_version(), "attempt": attempt, "paths": paths,
+        provenance = {**current, "code": code_version(), "attempt": attempt,
                       "finished": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-        atomic_write_text(marker_path, json.dumps({**stored, "provenance": provenance}, indent=2, default=str))
+        record = {"outputs": outputs.to_record(run_dir), "provenance": provenance}
+        atomic_write_text(marker_path, json.dumps(record, indent=2, default=str))
         pending_path.unlink(missing_ok=True)
-    return StageResult(outputs_from_record(stored, paths, run_dir), ran=True, attempt=attempt)
+    return StageResult(outputs, ran=True, attempt=attempt)
 
 
 def run_pipeline(
     config: RunConfig, run_dir: str | Path | None = None, rerun: bool = True
-) -> dict[str, dict[str, Any]]:
+) -> dict[str, StageOutputs]:
     """Run the enabled stages in order, reusing each finished stage whose recorded provenance still matches.
 
     A stage whose config sections or inputs changed — or whose marker has no provenance record — runs again, and so
@@ -314,7 +299,7 @@ def run_pipeline(
                 if reason:
                     raise _refusal(stage.name, run_dir, reason)
     manifest: Path | None = None
-    done: dict[str, dict[str, Any]] = {}
+    done: dict[str, StageOutputs] = {}
     attempt: int | None = None
     upstream: str | None = None
     for i, stage in enumerate(stages):
@@ -328,7 +313,7 @@ def run_pipeline(
         if result.ran:
             attempt = result.attempt
             upstream = upstream or stage.name
-        if result.outputs.get("manifest"):
-            manifest = Path(result.outputs["manifest"])
+        if result.outputs.manifest is not None:
+            manifest = result.outputs.manifest
         done[stage.name] = result.outputs
     return done

@@ -107,7 +107,9 @@ def start_server(models: Path, gradio_tmp: Path, **settings):
     import os
 
     os.environ["GRADIO_TEMP_DIR"] = str(gradio_tmp)  # uploads land in the test's own folder
-    from app.server import ServeSettings, build_app, launch
+    from app.layout import build_app
+    from app.server import launch
+    from app.settings import ServeSettings
 
     options = ServeSettings(**settings)
     demo = build_app(models, options)

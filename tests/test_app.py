@@ -351,7 +351,7 @@ def test_explainer_heatmaps_and_predictor_untouched(models_dir, tmp_path):  # no
 
 
 def test_discover_bundles_errors(tmp_path, models_dir):  # noqa: F811
-    from app.server import discover_bundles
+    from app.service import discover_bundles
 
     assert sorted(discover_bundles(models_dir)) == ["cnn", "lite0"]
     assert list(discover_bundles(models_dir / "cnn")) == ["cnn"]  # a single bundle folder works too
@@ -362,7 +362,7 @@ def test_discover_bundles_errors(tmp_path, models_dir):  # noqa: F811
 
 
 def test_janitor_never_deletes_files_outside_the_upload_cache(tmp_path):
-    from app.server import FileJanitor
+    from app.janitor import FileJanitor
 
     cache = tmp_path / "cache"
     (cache / "abc").mkdir(parents=True)

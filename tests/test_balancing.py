@@ -15,12 +15,8 @@ from torch import nn
 
 from pipelines.balancing import (
     FEATURE_METHODS,
-    BalancingConfig,
     FeatureResampler,
     apply_prior_correction,
-    build_loss,
-    build_sampler,
-    class_weights,
     load_balancing_config,
     oversample_split,
     pixel_smote,
@@ -28,8 +24,9 @@ from pipelines.balancing import (
     run_balancing_stage,
     target_counts,
 )
-from pipelines.config import ConfigError, RunConfig
+from pipelines.config import BalancingConfig, ConfigError, RunConfig
 from pipelines.manifest import ManifestError, append_train_rows, grouped_split, ingest_ham10000, write_manifest
+from pipelines.training import build_loss, build_sampler, class_weights
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "ham10000_sample"
 
@@ -282,8 +279,8 @@ def test_feature_space_smote_bundle_differs_from_the_original_only_in_the_head(t
 
     config = RunConfig(balancing={"method": "smote", "head_epochs": 4, "k_neighbors": 3, "prior_correction": True})
     outputs = run_balancing_stage(config, tiny_run, tiny_run / "manifest.csv")
-    assert Path(outputs["report"]).is_file() and "| df |" in Path(outputs["report"]).read_text()
-    original, balanced = load_bundle(tiny_run / "bundle"), load_bundle(outputs["bundle"])
+    assert outputs.report.is_file() and "| df |" in outputs.report.read_text()
+    original, balanced = load_bundle(tiny_run / "bundle"), load_bundle(outputs.bundle)
     assert balanced.card["balancing"]["method"] == "smote"
     after = balanced.card["balancing"]["train_counts_after"]
     assert len(set(after.values())) == 1  # every class as large as the largest
@@ -294,7 +291,7 @@ def test_feature_space_smote_bundle_differs_from_the_original_only_in_the_head(t
     assert balanced.card["inference"] == {"tta": 1}  # the source bundle's own setting (it predates TTA)
 
     a = load_file(tiny_run / "bundle" / "weights.safetensors")
-    b = load_file(Path(outputs["bundle"]) / "weights.safetensors")
+    b = load_file(outputs.bundle / "weights.safetensors")
     assert a.keys() == b.keys()
     for key in a:
         if key.startswith("head."):

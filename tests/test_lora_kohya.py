@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import save_file
 
 from pipelines import synthesis as S
-from pipelines.lora_kohya import LoraLoadError
+from pipelines.synthesis import LoraLoadError
 
 RANK, ALPHA = 4, 2.0  # kohya's scale alpha / rank = 0.5
 T5_RANK, T5_ALPHA = 2, 8.0  # another rank and scale (4.0) for T5, as kohya's network_reg_dims can write
@@ -92,7 +92,7 @@ def one_thread():
 
 @pytest.fixture(scope="module")
 def base_pipe():
-    from pipelines.tiny_flux import build_tiny_flux_pipeline
+    from pipelines.synthesis.tiny_flux import build_tiny_flux_pipeline
 
     pipe = build_tiny_flux_pipeline(seed=0)
     pipe.set_progress_bar_config(disable=True)

@@ -13,7 +13,8 @@ import torch
 from PIL import Image
 
 from models.scmil import SCMIL, SCMILLoss, beta_schedule, build_scmil, supcon_loss
-from pipelines.bags import TilingSettings, bag_from_patch_folder, load_bag, tile_image, tissue_mask
+from pipelines.bags import bag_from_patch_folder, load_bag, tile_image, tissue_mask
+from pipelines.config import TilingSettings
 
 UCSB_SAMPLE = Path(__file__).resolve().parent.parent / "data" / "ucsb_breast_sample"
 SLIDES = sorted((UCSB_SAMPLE / "images").glob("*.jpg"))
@@ -177,8 +178,8 @@ def mil_bundle(tmp_path_factory) -> Path:
 
     run_dir = tmp_path_factory.mktemp("mil_run")
     outputs = run_mil_stage(_mil_config(run_dir), run_dir)
-    assert Path(outputs["report"]).is_file()
-    return Path(outputs["bundle"])
+    assert outputs.report.is_file()
+    return outputs.bundle
 
 
 def test_mil_run_writes_bag_manifest_and_card(mil_bundle):
@@ -263,9 +264,35 @@ def test_abmil_with_a_trainable_encoder_on_patch_bags(tmp_path):
                          max_train_instances=8)
     config.training.epochs = 1
     outputs = run_mil_stage(config, tmp_path)
-    bundle = load_bundle(outputs["bundle"])
+    bundle = load_bundle(outputs.bundle)
     assert bundle.card["mil"]["method"] == "abmil" and not bundle.card["architecture"]["kwargs"]["freeze_encoder"]
     assert len(predict_slides(bundle, SLIDES[:2])) == 2
+
+
+def test_mil_stage_reads_a_split_manifest_and_scores_the_test_slides(tmp_path):
+    """With test slides, the threshold chosen on validation is applied to them and the report describes them."""
+    from models.bundle import read_card
+    from pipelines.bags import ingest_slide_table
+    from pipelines.mil import run_mil_stage
+
+    slides = ingest_slide_table(UCSB_SAMPLE, group_column="tma_batch")
+    split = {"ytma10_010704_malignant3_ccd": "train", "ytma49_042003_benign2_ccd": "train",
+             "ytma49_042003_benign3_ccd": "val", "ytma49_042203_malignant3_ccd": "val",
+             "ytma49_111003_benign3_ccd": "test", "ytma49_111003_malignant1_ccd": "test"}
+    slides["split"] = slides.image_id.map(split)
+    slides.to_csv(tmp_path / "manifest.csv", index=False)
+    config = _mil_config(tmp_path / "run", method="abmil")
+    config.mil.data = None  # the slides come from the run's manifest
+    config.training.epochs = 1
+    outputs = run_mil_stage(config, tmp_path / "run", tmp_path / "manifest.csv")
+
+    card = read_card(outputs.bundle)
+    assert set(card["metrics"]) == {"validation", "test"}
+    assert card["metrics"]["test"]["n"] == 2 and card["metrics"]["validation"]["n"] == 2
+    assert card["operating_threshold"] is not None
+    assert card["metrics"]["test"]["at_operating_threshold"]["threshold"] == card["operating_threshold"]
+    assert outputs.report.read_text().startswith("# ABMIL on test slides")
+    assert dict(pd.read_csv(outputs.files["slides"])[["image_id", "split"]].values) == split
 
 
 # ------------------------------------------------------------------------------------------------- pathology tab

@@ -216,7 +216,7 @@ def test_audit_appends_are_whole_lines_under_concurrency(tmp_path):
 
 
 def test_serve_flags_and_environment(monkeypatch, tmp_path):
-    from app.server import settings_from_args
+    from app.cli import settings_from_args
     from pipelines.cli import build_parser
 
     monkeypatch.setenv("LESIONLAB_AUDIT_LOG", str(tmp_path / "audit.jsonl"))

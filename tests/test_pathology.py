@@ -13,17 +13,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.pathology import (
-    MAX_CASE_PATCHES,
-    MIN_BLUE_EXCESS,
-    analyze_slide,
-    blue_excess,
-    load_case,
-    pathology_card_markdown,
-    pathology_referral_html,
-    public_message,
-)
-from pipelines.bags import TilingSettings, load_bag, tile_image, tissue_mask
+from app.pathology import MAX_CASE_PATCHES, MIN_BLUE_EXCESS, analyze_slide, blue_excess, load_case, public_message
+from app.wording import pathology_card_markdown, pathology_referral_html
+from pipelines.bags import load_bag, tile_image, tissue_mask
+from pipelines.config import TilingSettings
 from pipelines.images import ImageError, ImageLimits
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -86,7 +79,9 @@ def test_shipped_bundle_reproduces_its_record(bundle):
 
 
 def test_serve_default_models_folder_has_both_bundles_and_packages_them():
-    from app.server import ServeSettings, build_app, discover_bundles, health
+    from app.layout import build_app
+    from app.service import discover_bundles, health
+    from app.settings import ServeSettings
     from pipelines.cli import build_parser, default_bundle_path
 
     folder = Path(build_parser().parse_args(["serve"]).models)

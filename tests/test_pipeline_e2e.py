@@ -12,7 +12,7 @@ from pipelines.cli import main
 
 
 def test_caption_finetune_synthesize_train_prune_in_one_run(small_manifest, tmp_path):
-    from pipelines.tiny_flux import save_tiny_flux
+    from pipelines.synthesis.tiny_flux import save_tiny_flux
 
     torch.set_num_threads(1)  # tiny FLUX steps are faster single-threaded on 2 cores
     base = save_tiny_flux(tmp_path / "tiny_flux")

@@ -68,8 +68,8 @@ def run_copy(finished_run, tmp_path, monkeypatch) -> tuple[Path, Path]:
 def test_markers_record_config_inputs_code_and_run_relative_paths(finished_run, small_manifest):
     run_dir, _ = finished_run
     ingest, train = _marker(run_dir, "ingest"), _marker(run_dir, "train")
-    assert ingest["manifest"] == "manifest.csv"  # not 'run/manifest.csv' (relative to the working directory)
-    assert train["bundle"] == "bundle"
+    assert ingest["outputs"]["manifest"] == "manifest.csv"  # not 'run/manifest.csv' (relative to the working directory)
+    assert train["outputs"]["bundle"] == "bundle"
     prov = train["provenance"]
     assert prov["config"]["training"]["epochs"] == 1 and set(prov["config_sha256"]) == {"data", "model", "training"}
     assert prov["inputs"]["manifest"] == {"path": "manifest.csv", "sha256": file_sha256(run_dir / "manifest.csv")}

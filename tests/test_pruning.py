@@ -102,9 +102,72 @@ def test_both_beta_variants_rank_a_dead_filter_last():
 
 def test_importance_needs_calibration_images():
     with pytest.raises(ValueError, match="needs calibration images"):
-        pruning.FilterImportance("beta-rank").calibrate(nn.Sequential(nn.Conv2d(3, 4, 3)))
-    with pytest.raises(ValueError, match="unknown pruning method"):
-        pruning.FilterImportance("taylor")
+        pruning.BetaRankImportance().calibrate(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="needs calibration images"):
+        pruning.build_importance("hrank").calibrate(nn.Sequential(nn.Conv2d(3, 4, 3)))
+    with pytest.raises(ValueError, match="unknown pruning method 'taylor'"):
+        pruning.build_importance("taylor")
+
+
+def test_every_method_is_a_torch_pruning_importance_of_its_own_class():
+    import torch_pruning as tp
+
+    built = {method: pruning.build_importance(method, seed=3) for method in pruning.METHODS}
+    assert all(isinstance(importance, tp.importance.Importance) for importance in built.values())
+    assert {method: type(importance).__name__ for method, importance in built.items()} == {
+        "beta-rank": "BetaRankImportance", "beta-rank-inverse": "BetaRankImportance", "l1": "L1Importance",
+        "hrank": "HRankImportance", "random": "SeededRandomImportance"}
+    assert (built["beta-rank"].inverse, built["beta-rank-inverse"].inverse) == (False, True)
+    assert {method for method, importance in built.items() if importance.needs_data} == set(pruning.DATA_METHODS)
+
+
+def test_l1_importance_is_torch_prunings_filter_l1_norm_normalised_per_layer():
+    import torch_pruning as tp
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 6, 3), nn.ReLU(), nn.Conv2d(6, 4, 1, groups=2))
+    scores = pruning.L1Importance().calibrate(model).scores
+    for name, conv in pruning.conv_layers(model).items():
+        by_hand = conv.weight.detach().abs().flatten(1).sum(1)
+        torch.testing.assert_close(scores[name], by_hand / by_hand.max())
+        magnitude = tp.importance.MagnitudeImportance(p=1, normalizer="max")(pruning.filter_group(conv, name))
+        torch.testing.assert_close(scores[name], magnitude)
+    assert scores["0"].argmax() == pruning.conv_layers(model)["0"].weight.abs().flatten(1).sum(1).argmax()
+
+
+def test_random_importance_is_seeded_and_leaves_the_global_random_state_alone():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.Conv2d(8, 5, 1))
+    state = torch.get_rng_state()
+    first = pruning.SeededRandomImportance(seed=1).calibrate(model).scores
+    assert torch.equal(torch.get_rng_state(), state)
+    again = pruning.SeededRandomImportance(seed=1).calibrate(model).scores
+    other = pruning.SeededRandomImportance(seed=2).calibrate(model).scores
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not torch.equal(first["0"], other["0"])
+    assert {name: s.numel() for name, s in first.items()} == {"0": 8, "1": 5}
+
+
+def test_a_group_scores_the_mean_of_its_coupled_convolutions_normalised_scores():
+    import torch_pruning as tp
+    from torch_pruning.pruner import function
+
+    class TwoBranches(nn.Module):  # the sum couples the output channels of both convolutions
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(3, 4, 1)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.head((self.a(x) + self.b(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    model = TwoBranches()
+    importance = pruning.L1Importance().calibrate(model)
+    graph = tp.DependencyGraph().build_dependency(model, example_inputs=torch.randn(1, 3, 8, 8))
+    group = graph.get_pruning_group(model.a, function.prune_conv_out_channels, idxs=list(range(4)))
+    expected = (importance.scores["a"] + importance.scores["b"]) / 2
+    torch.testing.assert_close(importance(group), expected)
+    assert not torch.allclose(expected, importance.scores["a"])
 
 
 def _min_channels(model, fraction=0.9):
@@ -118,7 +181,7 @@ def pruned_b0():
     torch.manual_seed(0)
     model = build_model("efficientnet-b0", num_classes=7, img_size=32).eval()
     original = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
-    importance = pruning.FilterImportance("beta-rank").calibrate(model, [torch.randn(4, 3, 32, 32)])
+    importance = pruning.BetaRankImportance().calibrate(model, [torch.randn(4, 3, 32, 32)])
     pruning.prune_once(model, importance, 0.5, 32, _min_channels(model))
     return model, original
 
@@ -195,20 +258,13 @@ def test_layer_ratios_fix_those_layers_and_the_search_prunes_the_rest(steps):
                                layer_ratios={"backbone.features.0": 1.0})
 
 
-def test_parse_layer_ratios():
-    assert pruning.parse_layer_ratios(["a.b=0.5", "c=0.25"]) == {"a.b": 0.5, "c": 0.25}
-    for bad in ("a.b", "a.b=half", "=0.5"):
-        with pytest.raises(ValueError, match=f"layer ratio '{bad}': expected CONV_NAME=FRACTION"):
-            pruning.parse_layer_ratios([bad])
-
-
 @pytest.mark.parametrize("global_pruning", [False, True])
 def test_pruning_never_removes_every_filter_of_a_layer(global_pruning):
     torch.manual_seed(0)
     model = build_model("efficientnet-lite0", num_classes=2, img_size=32).eval()
     original = {n: c.out_channels for n, c in pruning.conv_layers(model).items()}
     floor = _min_channels(model)
-    importance = pruning.FilterImportance("random").calibrate(model)
+    importance = pruning.SeededRandomImportance().calibrate(model)
     pruning.prune_once(model, importance, 0.99, 32, floor, global_pruning)
     for name, conv in pruning.conv_layers(model).items():
         assert conv.out_channels >= max(1, floor[name]), name
@@ -218,7 +274,7 @@ def test_pruning_never_removes_every_filter_of_a_layer(global_pruning):
 
 def test_channel_plan_round_trip_on_lite0_and_errors():
     model = build_model("efficientnet-lite0", num_classes=2, img_size=32).eval()
-    pruning.prune_once(model, pruning.FilterImportance("l1").calibrate(model), 0.3, 32, _min_channels(model))
+    pruning.prune_once(model, pruning.L1Importance().calibrate(model), 0.3, 32, _min_channels(model))
     plan = json.loads(json.dumps(extract_channel_plan(model)))
     fresh = apply_channel_plan(build_model("efficientnet-lite0", num_classes=2, img_size=32), plan)
     assert {k: v.shape for k, v in fresh.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
@@ -263,13 +319,15 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
     assert pruning.count_flops(pruned.model, 32) == report["after"]["flops"]
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--flops-reduction", "1.5"])
-    assert code == 2 and "flops_reduction" in capsys.readouterr().err
+    assert code == 2 and "--flops-reduction: Input should be less than 1" in capsys.readouterr().err
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--round-to", "0"])
-    assert code == 2 and "round_to" in capsys.readouterr().err
-    code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
-                 "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.features.0"])
-    assert code == 2 and "expected CONV_NAME=FRACTION" in capsys.readouterr().err
+    assert code == 2 and "--round-to: Input should be greater than or equal to 1" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as parse_error:  # a malformed item is an argparse error, before any work
+        main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
+              "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.features.0"])
+    err = capsys.readouterr().err
+    assert parse_error.value.code == 2 and "--layer-ratio: 'backbone.features.0' is not of the form NAME=VALUE" in err
     code = main(["prune", "--bundle", str(tmp_path / "bundle"), "--data", str(tmp_path / "manifest.csv"),
                  "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.nope=0.5", "--speed-runs", "2"])
     assert code == 2 and "'backbone.nope', which is not a convolution" in capsys.readouterr().err
@@ -390,22 +448,12 @@ def test_class_weighted_distillation_is_the_weighted_mean_of_the_per_image_kl():
         pruning.distillation_loss(teacher, no_task, 1.0, class_weights=torch.tensor([1.0, 0.0, 1.0]))
 
 
-def _benchmark_module(name: str = "prune_benchmark"):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "benchmarks" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_serving_latency_times_three_conditions_and_rejects_a_frozen_model_that_differs():
-    bench = _benchmark_module()
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, stride=4), nn.BatchNorm2d(8), nn.ReLU(), nn.AdaptiveAvgPool2d(1),
                         nn.Flatten(), nn.Linear(8, 2)).eval()
-    timed = bench.serving_latency(net, runs=3)
-    assert set(timed) == set(bench.SERVING_CONDITIONS)
+    timed = pruning.serving_latency(net, runs=3)
+    assert list(timed) == list(pruning.SERVING_CONDITIONS) == ["fresh", "warm", "frozen"]
     assert all(v > 0 for v in timed.values())
 
     class Drifting(nn.Module):  # what tracing records (a constant) is not what eager mode computes
@@ -418,49 +466,63 @@ def test_serving_latency_times_three_conditions_and_rejects_a_frozen_model_that_
             return x.mean(dim=(2, 3)) * self.calls
 
     with pytest.raises(RuntimeError, match="frozen model's outputs differ"):
-        bench.serving_latency(Drifting().eval(), runs=1)
+        pruning.serving_latency(Drifting().eval(), runs=1, input_size=32)
 
 
-def test_latency_profile_rounds_plans_to_wider_blocks_and_splits_a_pass_into_stages_that_add_up():
-    profile = _benchmark_module("latency_profile")
-    model = build_model("efficientnet-b0", num_classes=3, img_size=32, pretrained=False)
-    original = extract_channel_plan(model)["modules"]
-    plan = profile.round_plan(extract_channel_plan(model), 16)
-    convs = {name: spec for name, spec in plan["modules"].items() if spec["type"] == "conv"}
-    squeeze = {name for name in convs if name.endswith("_se_reduce")}
-    assert {original[name]["out_channels"] for name in convs} >= {24, 40}  # B0's widths off the 16-grid
-    assert all(convs[name]["out_channels"] % 16 == 0 for name in set(convs) - squeeze)
-    assert all(convs[name]["out_channels"] == 32 for name in convs if original[name]["out_channels"] == 24)
-    assert {convs[name]["out_channels"] for name in squeeze} == {original[name]["out_channels"] for name in squeeze}
-    assert {convs[name]["out_channels"] for name in squeeze} >= {20, 28}  # squeeze bottlenecks keep their width
-    wider = apply_channel_plan(build_model("efficientnet-b0", num_classes=3, img_size=32, pretrained=False), plan)
-    assert wider(torch.randn(2, 3, 32, 32)).shape == (2, 3)
-    mflops = profile.stage_mflops(wider.eval(), size=32)
-    assert list(mflops) == ["stem", *[f"stage {i}" for i in range(7)], "head", "total"]
-    assert all(v > 0 for v in mflops.values())
-    assert sum(v for k, v in mflops.items() if k != "total") == pytest.approx(mflops["total"])
-    assert mflops["total"] == pytest.approx(pruning.count_flops(wider, 32) / 1e6)
-    passes = profile.timed_passes(wider.eval(), runs=2, size=32, warm_batch=2)
-    assert len(passes) == 2 and list(passes[0])[:2] == ["stem", "stage 0"] and "head" in passes[0]
-    for split in passes:
-        assert all(v > 0 for v in split.values())
-        assert sum(v for k, v in split.items() if k != "total") == pytest.approx(split["total"], rel=1e-6)
+def test_calibration_rows_are_class_balanced_real_first_and_batchnorm_rows_a_seeded_sample():
+    import pandas as pd
+
+    labels = ["nv"] * 30 + ["mel"] * 6 + ["df"] * 2
+    sources = ["real"] * 30 + ["synthetic"] * 3 + ["real"] * 3 + ["real"] * 2
+    train = pd.DataFrame({"label": labels, "source": sources})
+    rows = pruning.balanced_calibration_rows(train, per_class=4, seed=0)
+    assert rows.label.value_counts().to_dict() == {"nv": 4, "mel": 4, "df": 2}
+    assert (rows[rows.label == "mel"].source == "real").sum() == 3  # every real one before any synthetic
+    assert rows.index.is_unique and set(rows.index) <= set(train.index)
+    assert rows.index.equals(pruning.balanced_calibration_rows(train, per_class=4, seed=0).index)
+    # a table without `source` (an in-memory image array's labels) works too
+    plain = pruning.balanced_calibration_rows(train[["label"]], per_class=1, seed=0)
+    assert plain.label.value_counts().to_dict() == {"nv": 1, "mel": 1, "df": 1}
+    with pytest.raises(ValueError, match="no training rows"):
+        pruning.balanced_calibration_rows(train.iloc[:0], per_class=4)
+    sample = pruning.batchnorm_rows(train, 10, seed=1)
+    assert len(sample) == 10 and sample.index.equals(pruning.batchnorm_rows(train, 10, seed=1).index)
+    assert not sample.index.equals(pruning.batchnorm_rows(train, 10, seed=2).index)
+    assert len(pruning.batchnorm_rows(train, 1000)) == len(train)
 
 
-def test_benchmark_balanced_fine_tune_sampler_draws_rare_classes_as_often_as_common_ones():
-    import argparse
-
+def test_stage_fine_tuner_trains_each_stage_in_its_own_folder_with_the_pruning_settings(tmp_path):
     from torch.utils.data import DataLoader, TensorDataset
 
-    bench = _benchmark_module()
-    labels = np.array([0] * 90 + [1] * 8 + [2] * 2)
-    dataset = TensorDataset(torch.zeros(100, 1), torch.as_tensor(labels))
-    loaders = (DataLoader(dataset, batch_size=10, shuffle=True), "val", "test")
-    args = argparse.Namespace(ft_sampler="none", batch_size=10, seed=0)
-    assert bench.fine_tune_loaders(loaders, labels, 3, args) is loaders
-    args.ft_sampler = "balanced"
-    tuned = bench.fine_tune_loaders(loaders, labels, 3, args)
-    assert tuned[1:] == ("val", "test") and tuned[0].dataset is dataset
-    drawn = np.concatenate([y.numpy() for _ in range(20) for _, y in tuned[0]])
-    assert len(drawn) == 20 * 100
-    assert np.allclose(np.bincount(drawn, minlength=3) / len(drawn), 1 / 3, atol=0.03)
+    from pipelines.config import PruningConfig
+
+    settings = PruningConfig(fine_tune_epochs=2, fine_tune_lr=0.05, batch_size=4, max_steps_per_epoch=3, seed=5)
+    train_settings = pruning.fine_tune_settings(settings, "inverse")
+    assert (train_settings.epochs, train_settings.lr, train_settings.batch_size) == (2, 0.05, 4)
+    assert (train_settings.max_steps_per_epoch, train_settings.seed, train_settings.warmup_epochs) == (3, 5, 0)
+    assert (train_settings.class_weighting, train_settings.ema_decay, train_settings.resume) == ("inverse", 0, False)
+    assert pruning.fine_tune_settings(settings, "none", epochs=6).epochs == 6
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 3, 4, 4), torch.arange(16) % 2
+    data = TensorDataset(x, y)
+    loaders = []
+
+    def train_loader(stage):
+        loaders.append(stage)
+        return DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(stage))
+
+    model = nn.Sequential(nn.Flatten(), nn.Linear(48, 2))
+    before = copy.deepcopy(model.state_dict())
+    tune = pruning.stage_fine_tuner(train_loader, DataLoader(data, batch_size=8), nn.CrossEntropyLoss(),
+                                    train_settings, tmp_path / "ft")
+    tuned = tune(model, 2)
+    assert loaders == [2] and (tmp_path / "ft" / "stage2").is_dir() and not (tmp_path / "ft" / "stage1").exists()
+    assert not torch.equal(tuned.state_dict()["1.weight"], before["1.weight"])
+    idle = pruning.stage_fine_tuner(train_loader, None, nn.CrossEntropyLoss(),
+                                    pruning.fine_tune_settings(settings, "none", epochs=0), tmp_path / "idle")
+    assert idle(model, 1) is model and loaders == [2]
+    # distillation only when both it and fine-tuning are on
+    assert pruning.distillation_for(model, nn.CrossEntropyLoss(), settings, [8, 8], "inverse") is not None
+    off = settings.model_copy(update={"distill_weight": 0.0})
+    assert pruning.distillation_for(model, nn.CrossEntropyLoss(), off, [8, 8], "inverse") is None

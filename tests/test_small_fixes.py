@@ -62,7 +62,7 @@ def test_synthetic_seed_column_is_written_as_integers(manifest: pd.DataFrame, tm
 
 
 def test_fit_caption_keeps_the_longest_word_prefix_that_fits() -> None:
-    from pipelines.tiny_flux import tiny_clip_tokenizer
+    from pipelines.synthesis.tiny_flux import tiny_clip_tokenizer
 
     tokenizer = tiny_clip_tokenizer()  # one token per character, plus start and end
     caption = "This photo depicts a malignant lesion on the back of a 60 year old male patient " * 2
@@ -75,7 +75,7 @@ def test_fit_caption_keeps_the_longest_word_prefix_that_fits() -> None:
 
 def test_lora_finetune_fits_captions_once_without_encoder_warnings(manifest: pd.DataFrame, tmp_path: Path,
                                                                    caplog) -> None:
-    from pipelines.tiny_flux import save_tiny_flux
+    from pipelines.synthesis.tiny_flux import save_tiny_flux
 
     base = save_tiny_flux(tmp_path / "tiny_flux")
     warnings: list[str] = []

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipelines import synth_report as R
+from pipelines import synthesis as R
 from pipelines.cli import main
 from pipelines.manifest import read_manifest, write_manifest
 

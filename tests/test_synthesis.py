@@ -15,6 +15,7 @@ from PIL import Image
 from pipelines import synthesis as S
 from pipelines.captions import caption_manifest
 from pipelines.manifest import ManifestError, grouped_split, ingest_ham10000
+from pipelines.provenance import file_sha256
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "ham10000_sample"
 TINY = {"resolution": 32, "max_sequence_length": 48}
@@ -39,7 +40,7 @@ def manifest() -> pd.DataFrame:
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from pipelines.tiny_flux import save_tiny_flux
+    from pipelines.synthesis.tiny_flux import save_tiny_flux
 
     return save_tiny_flux(tmp_path_factory.mktemp("tiny_flux"))
 
@@ -82,7 +83,7 @@ def test_finetune_trains_lora_and_saves_diffusers_format(finetuned: S.FinetuneRe
     assert any("ff.net.0.proj.lora_A" in k for k in keys) and any("attn.to_q.lora_B" in k for k in keys)
     assert (finetuned.lora_path.parent / "checkpoints" / "checkpoint-3").is_dir()
     card = json.loads((finetuned.lora_path.parent / "lora_card.json").read_text())
-    assert card["lora_sha256"] == S.sha256_file(finetuned.lora_path)
+    assert card["lora_sha256"] == file_sha256(finetuned.lora_path)
 
 
 def test_lora_reload_reproduces_finetuned_outputs_and_unload_restores_base(
@@ -137,7 +138,7 @@ def test_generation_writes_requested_counts_in_train_only(
     assert synthetic.label.value_counts().to_dict() == plan
     assert (synthetic.split == "train").all()
     assert all(Path(p).is_file() and Image.open(p).size == (32, 32) for p in synthetic.path)
-    assert (synthetic.lora_sha256 == S.sha256_file(finetuned.lora_path)).all()
+    assert (synthetic.lora_sha256 == file_sha256(finetuned.lora_path)).all()
     assert synthetic.seed.nunique() == len(synthetic) and synthetic.prompt.str.startswith("This photo").all()
     original = out[out.source == "real"].drop(columns=[c for c in out.columns if c not in manifest.columns])
     pd.testing.assert_frame_equal(original.reset_index(drop=True), manifest.reset_index(drop=True), check_dtype=False)

@@ -11,8 +11,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.balancing import class_weights
-from pipelines.training import train_from_config
+from pipelines.training import class_weights, train_from_config
 from tests.conftest import REPO, tiny_config
 
 
@@ -50,7 +49,7 @@ class Interrupt(Exception):
 
 
 def test_resume_after_interruption_continues_and_matches_an_uninterrupted_run(small_manifest, tmp_path, monkeypatch):
-    import pipelines.training as training
+    import pipelines.training.train as training
 
     full_dir, cut_dir = tmp_path / "full", tmp_path / "cut"
     train_from_config(tiny_config(full_dir, epochs=3), full_dir, small_manifest)
@@ -178,12 +177,13 @@ def test_ema_decay_warms_up_and_matches_a_hand_computed_average():
 def test_schedule_is_planned_to_finish_inside_the_time_budget(tmp_path, monkeypatch):
     from torch.utils.data import DataLoader, TensorDataset
 
-    import pipelines.training as training
+    import pipelines.training.loop as training
     from pipelines.config import TrainSettings
+    from pipelines.training import epochs_within_budget
 
-    assert training.epochs_within_budget(60, 7.0, 20) == 8
-    assert training.epochs_within_budget(60, 70.0, 20) == 1
-    assert training.epochs_within_budget(600, 7.0, 20) == 20
+    assert epochs_within_budget(60, 7.0, 20) == 8
+    assert epochs_within_budget(60, 70.0, 20) == 1
+    assert epochs_within_budget(600, 7.0, 20) == 20
     clock = iter(range(0, 10_000, 30))  # every perf_counter() call advances 30 s
     monkeypatch.setattr(training.time, "perf_counter", lambda: float(next(clock)))
     x, y = torch.randn(16, 4), torch.randint(0, 2, (16,))

@@ -22,6 +22,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+__all__ = [
+    "COMPONENTS",
+    "LoraLoadError",
+    "LoraReport",
+    "is_kohya_state_dict",
+    "load_diffusers_lora",
+    "load_kohya_lora",
+    "load_lora_file",
+]
+
 log = logging.getLogger(__name__)
 
 COMPONENTS = ("transformer", "text_encoder", "text_encoder_2")

@@ -1,6 +1,8 @@
 """A tiny random FLUX.1 pipeline built offline (configs as in diffusers' own tests), saved as a diffusers folder.
 
-`python -m pipelines.tiny_flux OUT_DIR` writes it; `--base OUT_DIR` then works exactly like a real FLUX.1 folder.
+It stands in for FLUX.1 weights, which are not reachable offline: the demo config, the tests and the benchmarks run
+the real code path on it. `python -m pipelines.synthesis.tiny_flux OUT_DIR` writes it; `--base OUT_DIR` then works
+exactly like a real FLUX.1 folder. Its images are noise: it checks the machinery, never image quality.
 """
 
 from __future__ import annotations
@@ -9,6 +11,16 @@ import argparse
 import logging
 from pathlib import Path
 from typing import Any
+
+__all__ = [
+    "CAPTION_WORDS",
+    "TINY_IMAGE_SIZE",
+    "build_tiny_flux_pipeline",
+    "main",
+    "save_tiny_flux",
+    "tiny_clip_tokenizer",
+    "tiny_t5_tokenizer",
+]
 
 log = logging.getLogger(__name__)
 
