@@ -145,12 +145,17 @@ def main() -> None:
     # The predictor as users run it: one decoded image in, calibrated probabilities out.
     images = [Image.open(p).convert("RGB") for p in test.path.head(args.runs + 5)]
     predictor_rows = []
-    for label, engine, tta in (("eager, 1 view", "eager", 1), ("eager, 8 views (the card's recipe)", "eager", 8),
-                               ("ONNX fp32, 8 views", "onnx", 8), ("ONNX int8, 8 views", "int8", 8),
-                               ("ONNX int8, 1 view", "int8", 1)):
+    recipes = [("eager, 1 view", "unpruned", "eager", 1),
+               ("eager, 8 views (the card's recipe)", "unpruned", "eager", 8),
+               ("ONNX fp32, 8 views", "unpruned", "onnx", 8), ("ONNX int8, 8 views", "unpruned", "int8", 8),
+               ("ONNX int8, 1 view", "unpruned", "int8", 1)]
+    if "pruned" in copies:
+        recipes += [("pruned, ONNX fp32, 8 views", "pruned", "onnx", 8),
+                    ("pruned, ONNX int8, 8 views", "pruned", "int8", 8)]
+    for label, which, engine, tta in recipes:
         for threads in (1, 2):
             torch.set_num_threads(threads)
-            predictor = Predictor.from_path(copies["unpruned"], tta=tta, engine=engine)  # ONNX: `threads` threads
+            predictor = Predictor.from_path(copies[which], tta=tta, engine=engine)  # ONNX: `threads` threads
             for image in images[:5]:
                 predictor.predict([image])
             times = []

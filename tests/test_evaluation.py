@@ -31,7 +31,7 @@ def random_predictions():
 
 def test_metrics_equal_scikit_learn(random_predictions):
     y, probs = random_predictions
-    m = compute_metrics(y, probs, CLASSES)
+    m = compute_metrics(y, probs, CLASSES, MALIGNANT)
     pred = probs.argmax(1)
     assert m["accuracy"] == pytest.approx(accuracy_score(y, pred))
     assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y, pred))
@@ -68,7 +68,7 @@ def test_operating_threshold_reaches_target_sensitivity(random_predictions):
 
 def test_report_and_plots_are_written(random_predictions, tmp_path):
     y, probs = random_predictions
-    m = compute_metrics(y, probs, CLASSES, operating_threshold=0.5)
+    m = compute_metrics(y, probs, CLASSES, MALIGNANT, operating_threshold=0.5)
     assert set(save_plots(y, probs, CLASSES, ["mel"], tmp_path)) == {
         "roc.png",
         "confusion_matrix.png",
@@ -81,7 +81,7 @@ def test_report_and_plots_are_written(random_predictions, tmp_path):
 
 def test_shape_mismatch_is_an_error():
     with pytest.raises(ValueError, match="expected"):
-        compute_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"])
+        compute_metrics([0, 1], np.ones((2, 3)) / 3, ["a", "b"], [])
 
 
 def test_paired_bootstrap_delta_brackets_the_observed_change(random_predictions):

@@ -16,8 +16,6 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from pipelines.config import HAM10000_MALIGNANT
-
 __all__ = [
     "HEADLINE_METRICS",
     "card_metrics",
@@ -162,7 +160,7 @@ def compute_metrics(
     y_true: Sequence[int],
     probs: np.ndarray,
     class_names: Sequence[str],
-    malignant_classes: Sequence[str] = HAM10000_MALIGNANT,
+    malignant_classes: Sequence[str],
     operating_threshold: float | None = None,
 ) -> dict[str, Any]:
     """Every number the report shows, from labels and predicted class probabilities."""
