@@ -115,7 +115,8 @@ def prune(args: argparse.Namespace) -> None:
 
 
 def _test_probs(bundle: Path, manifest: str, engine: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(labels, probabilities, image ids) of a bundle as it serves, on the manifest's test split."""
+    """(labels, probabilities, class names) of a bundle as it serves (`engine` auto: the ONNX export when the bundle
+    has one, which `lesionlab predict` uses), on the manifest's test split."""
     from pipelines.images import load_image
     from pipelines.manifest import read_manifest
     from pipelines.prediction import Predictor
@@ -134,12 +135,12 @@ def summary(args: argparse.Namespace) -> None:
     from pipelines.evaluation import compute_metrics, paired_bootstrap_delta
 
     folders = sorted(p for p in Path(args.out).glob(f"{args.candidate}_seed*") if (p / "card.json").is_file())
-    labels, reference, names = _test_probs(BUNDLE, args.manifest, "eager")
+    labels, reference, names = _test_probs(BUNDLE, args.manifest, "auto")
     card = json.loads((BUNDLE / "card.json").read_text())
     malignant = card["malignant_classes"]
     runs, per_seed = [], []
     for folder in folders:
-        seed_labels, probs, seed_names = _test_probs(folder, args.manifest, "eager")
+        seed_labels, probs, seed_names = _test_probs(folder, args.manifest, "auto")
         assert seed_names == names and (seed_labels == labels).all()
         runs.append(probs)
         metrics = compute_metrics(labels, probs, names, malignant)
