@@ -38,12 +38,12 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 
 def _cmd_train(args: argparse.Namespace) -> None:
-    from pipelines.run import run_pipeline, run_stage, stage_ingest
+    from pipelines.run import run_stage, stage_ingest
 
     config, run_dir = load_run_config(args)
-    if config.mil is not None:
-        run_pipeline(config.model_copy(update={"pruning": None, "balancing": None}), run_dir)
-        print(f"MIL run written to {run_dir}")
+    if config.mil is not None:  # a MIL config trains its bag classifier: the `mil` stage, as `mil-train` runs it
+        trained = run_stage("mil", config, run_dir, None, force="lesionlab train always trains").outputs
+        print(f"bundle: {trained.bundle}\nreport: {trained.report}")
         return
     if args.manifest:
         manifest = Path(args.manifest)
