@@ -31,6 +31,12 @@ def _default(value: Any) -> str:
     return "—" if value is None else f"`{value}`"
 
 
+def _portable(value: Any) -> Any:
+    """A default that names a file of the source tree, relative to it (the same page on every checkout)."""
+    root = str(REFERENCE_PATH.parents[1]) + "/"
+    return value.replace(root, "") if isinstance(value, str) else value
+
+
 def _command_rows(parser: argparse.ArgumentParser) -> list[str]:
     rows = ["| option | default | meaning |", "|---|---|---|"]
     for action in parser._actions:
@@ -38,7 +44,7 @@ def _command_rows(parser: argparse.ArgumentParser) -> list[str]:
             continue
         name = ", ".join(action.option_strings) or action.dest
         default = "required" if action.required else (
-            "—" if action.default in (None, argparse.SUPPRESS, False) else f"`{action.default}`")
+            "—" if action.default in (None, argparse.SUPPRESS, False) else f"`{_portable(action.default)}`")
         text = (action.help or "").replace("%%", "%")
         if action.choices and not isinstance(action, argparse._SubParsersAction):
             text += f" (one of: {', '.join(map(str, action.choices))})"
