@@ -69,7 +69,10 @@ def _commands() -> list[str]:
     return lines
 
 
-def _model_rows(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
+def _model_rows(model: type[BaseModel], prefix: str, list_sections: bool = True
+                ) -> tuple[list[str], list[tuple[str, type[BaseModel]]]]:
+    """The field table of a config model, and its nested sections as (dotted path, model); `list_sections` False
+    leaves the nested sections out of the table."""
     rows = ["| field | type | default | meaning |", "|---|---|---|---|"]
     nested: list[tuple[str, type[BaseModel]]] = []
     for name, field in model.model_fields.items():
@@ -78,7 +81,9 @@ def _model_rows(model: type[BaseModel], prefix: str) -> tuple[list[str], list[tu
         if isinstance(annotation, type) and issubclass(annotation, BaseModel):
             inner = [annotation]
         if inner:
-            nested.append((f"{prefix}.{name}", inner[0]))
+            nested.append((f"{prefix}.{name}" if prefix else name, inner[0]))
+            if not list_sections:
+                continue
         default = field.get_default(call_default_factory=True)
         shown = "(section)" if isinstance(default, BaseModel) else _default(default)
         rows.append(f"| `{name}` | `{_cell(_type_name(annotation))}` | {shown} | {_cell(field.description or '')} |")
@@ -91,20 +96,12 @@ def _config() -> list[str]:
     lines = ["## Config sections", "", "A run config is one YAML file (`lesionlab run --config FILE`); any field can "
              "be overridden on the command line as `section.field=value`. Unknown keys and bad values stop the run "
              "when the config is loaded, before any stage runs. An optional section that is absent does not run.", ""]
-    top, queue = _model_rows(RunConfig, "")
-    sections = {path.lstrip(".") for path, _ in queue}
-    lines += ["### top level", "", *[r for r in top if r.split("`")[1:2] and r.split("`")[1] not in sections
-                                       or not r.startswith("| `")], "",
-              "Optional sections (absent: the stage does not run): "
-              + ", ".join(f"`{n}`" for n, f in RunConfig.model_fields.items() if f.default is None and n in sections)
-              + ".", ""]
-    seen: set[str] = set()
-    while queue:
+    top, queue = _model_rows(RunConfig, "", list_sections=False)
+    optional = [path for path, _ in queue if RunConfig.model_fields[path].default is None]
+    lines += ["### top level", "", *top, "",
+              "Optional sections (absent: the stage does not run): " + ", ".join(f"`{n}`" for n in optional) + ".", ""]
+    while queue:  # depth first, so a nested section follows its parent
         path, model = queue.pop(0)
-        path = path.lstrip(".")
-        if path in seen:
-            continue
-        seen.add(path)
         rows, nested = _model_rows(model, path)
         doc = (model.__doc__ or "").strip().split("\n\n")[0]
         lines += [f"### `{path}:`", "", _cell(doc), "", *rows, ""]
