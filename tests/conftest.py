@@ -14,6 +14,18 @@ HAM_SAMPLE = REPO / "data" / "ham10000_sample"
 UCSB_SAMPLE = REPO / "data" / "ucsb_breast_sample"
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny networks: their ops take microseconds, and handing them between threads
+    on a busy 2-core machine costs more than it saves (`pytestmark = pytest.mark.usefixtures("one_thread")`)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def ham_manifest() -> pd.DataFrame:
     """All 1,000 sample images, split by lesion (seed 0)."""

@@ -13,6 +13,8 @@ from safetensors.torch import save_file
 from pipelines import synthesis as S
 from pipelines.synthesis import LoraLoadError
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
 RANK, ALPHA = 4, 2.0  # kohya's scale alpha / rank = 0.5
 T5_RANK, T5_ALPHA = 2, 8.0  # another rank and scale (4.0) for T5, as kohya's network_reg_dims can write
 WO_RANK, WO_ALPHA = 3, 1.0  # and a third for T5's `wo` layers, so ranks and alphas differ within one component
@@ -79,15 +81,6 @@ DIFFUSERS_ROWS = {
     "guidance_in_out_layer": [("time_text_embed.guidance_embedder.linear_2", 32)],
     "final_layer_adaLN_modulation_1": [("norm_out.linear", 64)],
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are microseconds; thread hand-off on a busy 2-core machine costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

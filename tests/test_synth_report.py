@@ -9,24 +9,16 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 from PIL import Image
 
 from pipelines import synthesis as R
 from pipelines.cli import main
 from pipelines.manifest import read_manifest, write_manifest
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
 CLASS_FIELDS = {"n_real", "n_real_total", "n_synthetic", "n_synthetic_total", "kid", "k", "precision", "recall",
                 "density", "coverage", "nearest_real_similarity", "copies", "quality_filter", "contact_sheet", "notes"}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny networks on a busy 2-core machine: thread hand-off costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _gaussian(n: int, d: int, seed: int, shift: float = 0.0) -> np.ndarray:

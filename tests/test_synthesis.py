@@ -17,17 +17,10 @@ from pipelines.captions import caption_manifest
 from pipelines.manifest import ManifestError, grouped_split, ingest_ham10000
 from pipelines.provenance import file_sha256
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see tests/conftest.py
+
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "ham10000_sample"
 TINY = {"resolution": 32, "max_sequence_length": 48}
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The tiny models' ops are microseconds; thread hand-off on a busy 2-core machine costs more than it saves."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
