@@ -86,10 +86,6 @@ def _default_text(value: Any) -> str:
     return "none" if value is None else str(value)
 
 
-# (config model, field) -> the flag `add_model_arguments` gave it, where it is not --field-name.
-_FLAG_NAMES: dict[tuple[type[BaseModel], str], str] = {}
-
-
 def add_model_arguments(
     parser: argparse.ArgumentParser,
     model: type[BaseModel],
@@ -107,7 +103,10 @@ def add_model_arguments(
     flags = flags or {}
     defaults = defaults or {}
     metavars = metavars or {}
-    _FLAG_NAMES.update({(model, name): "--" + flag.replace("_", "-") for name, flag in flags.items()})
+    # the renamed flags, kept on the parser so that `settings_from_args` can name them in an error
+    renamed = dict(parser.get_default("_renamed_flags") or {})
+    renamed.update({name: "--" + flag.replace("_", "-") for name, flag in flags.items()})
+    parser.set_defaults(_renamed_flags=renamed)
     for name, field in model.model_fields.items():
         if name in skip:
             continue
@@ -161,7 +160,7 @@ def settings_from_args(model: type[BaseModel], args: argparse.Namespace, section
         first = err.errors()[0]
         loc = [str(part) for part in first["loc"]]
         if loc and loc[0] in given:
-            flag = _FLAG_NAMES.get((model, loc[0]), "--" + loc[0].replace("_", "-"))
+            flag = (getattr(args, "_renamed_flags", None) or {}).get(loc[0], "--" + loc[0].replace("_", "-"))
             where = " ".join([flag, *loc[1:]])
         else:
             where = ".".join([section, *loc])
