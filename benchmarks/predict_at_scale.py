@@ -53,21 +53,37 @@ def rss_mb(pid: int) -> float | None:
 
 
 def rows_in(csv: Path) -> int:
-    """Data rows in the output CSV so far (lines minus the header)."""
-    if not csv.is_file():
-        return 0
-    with open(csv, "rb") as handle:
-        return max(0, sum(chunk.count(b"\n") for chunk in iter(lambda: handle.read(1 << 20), b"")) - 1)
+    """Data rows in a CSV (lines minus the header)."""
+    return RowCounter(csv)()
+
+
+class RowCounter:
+    """Data rows in a growing CSV, reading only what was appended since the last call."""
+
+    def __init__(self, csv: Path) -> None:
+        self.csv, self.offset, self.lines = csv, 0, 0
+
+    def __call__(self) -> int:
+        if not self.csv.is_file():
+            return 0
+        if self.csv.stat().st_size < self.offset:  # rewritten or truncated (a resume drops a cut-off last row)
+            self.offset, self.lines = 0, 0
+        with open(self.csv, "rb") as handle:
+            handle.seek(self.offset)
+            for chunk in iter(lambda: handle.read(1 << 20), b""):
+                self.lines += chunk.count(b"\n")
+                self.offset += len(chunk)
+        return max(0, self.lines - 1)
 
 
 def run_phase(name: str, command: list[str], csv: Path, kill_at: int | None, every: float) -> dict:
     """Run the command, sampling (seconds, RSS MiB, rows) every `every` s; SIGKILL it at `kill_at` rows."""
     started = time.perf_counter()
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    samples, killed = [], False
+    samples, killed, count = [], False, RowCounter(csv)
     while process.poll() is None:
         time.sleep(every)
-        rows, memory = rows_in(csv), rss_mb(process.pid)
+        rows, memory = count(), rss_mb(process.pid)
         if memory is not None:
             samples.append([round(time.perf_counter() - started, 1), round(memory, 1), rows])
         if kill_at is not None and rows >= kill_at:
