@@ -118,12 +118,16 @@ def _read_inputs(bundle_dir: str | Path, manifest_path: str | Path, settings: Pr
 
 
 def _fine_tuner(inputs: _Inputs, settings: PruningConfig, out_dir: Path) -> Callable[[nn.Module, int], nn.Module]:
-    """The fine-tune after each stage: the bundle's training loss (cross-entropy or focal, its class weighting) on
-    the training rows with the training augmentation, distilled from the unpruned net when `settings` ask."""
+    """The fine-tune after each stage: the bundle's training objective (its loss, class weighting and class
+    sampler) on the training rows with the training augmentation, distilled from the unpruned net when `settings`
+    ask.
+
+    The sampler matters as much as the loss: class weights were chosen for the class mix the bundle's sampler
+    draws, and the same weights under plain shuffling tilt the net toward the majority class."""
     from torch.utils.data import DataLoader
 
     from pipelines.data import ImageDataset
-    from pipelines.training import build_loss
+    from pipelines.training import build_loss, build_sampler
     from pipelines.transforms import train_transform
 
     card, class_names = inputs.bundle.card, inputs.bundle.class_names
@@ -135,10 +139,13 @@ def _fine_tuner(inputs: _Inputs, settings: PruningConfig, out_dir: Path) -> Call
     augment = train_transform(inputs.bundle.input_size, norm["mean"], norm["std"], inputs.evaluate.color_constancy)
     train_ds = ImageDataset(inputs.train, class_names, augment)
 
+    sampler_mode = training.get("sampler", "none")
+
     def train_loader(stage: int) -> DataLoader:
         generator = torch.Generator().manual_seed(settings.seed + stage)
-        return DataLoader(train_ds, batch_size=settings.batch_size, shuffle=True, generator=generator,
-                          drop_last=len(train_ds) > settings.batch_size)
+        sampler = build_sampler(train_ds.labels, len(class_names), sampler_mode, settings.seed + stage)
+        return DataLoader(train_ds, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
+                          generator=generator, drop_last=len(train_ds) > settings.batch_size)
 
     val_loader = DataLoader(ImageDataset(inputs.val, class_names, inputs.evaluate), batch_size=64)
     # the unpruned net teaches every stage's fine-tune
