@@ -526,3 +526,36 @@ def test_stage_fine_tuner_trains_each_stage_in_its_own_folder_with_the_pruning_s
     assert pruning.distillation_for(model, nn.CrossEntropyLoss(), settings, [8, 8], "inverse") is not None
     off = settings.model_copy(update={"distill_weight": 0.0})
     assert pruning.distillation_for(model, nn.CrossEntropyLoss(), off, [8, 8], "inverse") is None
+
+
+class _Labelled(torch.utils.data.Dataset):
+    """Images that are their own index, with a `labels` list (as ImageDataset has)."""
+
+    def __init__(self, labels):
+        self.labels = list(labels)
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, index):
+        return torch.tensor(index), self.labels[index]
+
+
+@pytest.mark.parametrize("sampler", ["none", "sqrt", "balanced"])
+def test_stage_loaders_draw_with_the_bundles_class_sampler_seeded_per_stage(sampler):
+    from pipelines.config import PruningConfig
+
+    labels = [0] * 900 + [1] * 100  # 9:1
+    settings = PruningConfig(batch_size=50, seed=3)
+    loader = pruning.stage_train_loaders(_Labelled(labels), 2, sampler, settings)
+
+    def drawn(stage):
+        return torch.cat([index for index, _ in loader(stage)])
+
+    first = drawn(1)
+    assert len(first) == 1000 and torch.equal(first, drawn(1)) and not torch.equal(first, drawn(2))
+    share = (first >= 900).float().mean().item()  # the minority class's share of the draws
+    expected = {"none": 0.1, "sqrt": 10 / (30 + 10), "balanced": 0.5}[sampler]
+    assert share == pytest.approx(expected, abs=0.05)
+    if sampler == "none":  # plain shuffling: every image once
+        assert sorted(first.tolist()) == list(range(1000))

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 from pipelines.pruning.bundle import load_pruning_config, prune_bundle, run_pruning_stage, served_probs
 from pipelines.pruning.data import balanced_calibration_rows, batchnorm_rows
-from pipelines.pruning.finetune import distillation_for, distillation_loss, fine_tune_settings, stage_fine_tuner
+from pipelines.pruning.finetune import (
+    distillation_for,
+    distillation_loss,
+    fine_tune_settings,
+    stage_fine_tuner,
+    stage_train_loaders,
+)
 from pipelines.pruning.importance import (
     DATA_METHODS,
     METHODS,
@@ -86,6 +92,7 @@ __all__ = [
     "served_probs",
     "serving_latency",
     "stage_fine_tuner",
+    "stage_train_loaders",
     "weights_file_size",
     "write_pruning_report",
 ]

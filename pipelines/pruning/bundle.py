@@ -22,7 +22,7 @@ from torch import nn
 
 from pipelines.config import PruningConfig
 from pipelines.pruning.data import balanced_calibration_rows, batchnorm_rows
-from pipelines.pruning.finetune import distillation_for, fine_tune_settings, stage_fine_tuner
+from pipelines.pruning.finetune import distillation_for, fine_tune_settings, stage_fine_tuner, stage_train_loaders
 from pipelines.pruning.measure import measure_model
 from pipelines.pruning.report import accuracy_report, minority_classes_of, write_pruning_report
 from pipelines.pruning.search import PruneResult, prune_to_flops
@@ -122,12 +122,11 @@ def _fine_tuner(inputs: _Inputs, settings: PruningConfig, out_dir: Path) -> Call
     sampler) on the training rows with the training augmentation, distilled from the unpruned net when `settings`
     ask.
 
-    The sampler matters as much as the loss: class weights were chosen for the class mix the bundle's sampler
-    draws, and the same weights under plain shuffling tilt the net toward the majority class."""
+    The sampler matters as much as the loss (see `stage_train_loaders`)."""
     from torch.utils.data import DataLoader
 
     from pipelines.data import ImageDataset
-    from pipelines.training import build_loss, build_sampler
+    from pipelines.training import build_loss
     from pipelines.transforms import train_transform
 
     card, class_names = inputs.bundle.card, inputs.bundle.class_names
@@ -139,14 +138,7 @@ def _fine_tuner(inputs: _Inputs, settings: PruningConfig, out_dir: Path) -> Call
     augment = train_transform(inputs.bundle.input_size, norm["mean"], norm["std"], inputs.evaluate.color_constancy)
     train_ds = ImageDataset(inputs.train, class_names, augment)
 
-    sampler_mode = training.get("sampler", "none")
-
-    def train_loader(stage: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(settings.seed + stage)
-        sampler = build_sampler(train_ds.labels, len(class_names), sampler_mode, settings.seed + stage)
-        return DataLoader(train_ds, batch_size=settings.batch_size, shuffle=sampler is None, sampler=sampler,
-                          generator=generator, drop_last=len(train_ds) > settings.batch_size)
-
+    train_loader = stage_train_loaders(train_ds, len(class_names), training.get("sampler", "none"), settings)
     val_loader = DataLoader(ImageDataset(inputs.val, class_names, inputs.evaluate), batch_size=64)
     # the unpruned net teaches every stage's fine-tune
     distill = distillation_for(inputs.bundle.model, loss_fn, settings, inputs.counts, weighting)
