@@ -155,38 +155,60 @@ def _image_batches(paths: Sequence[str], transform, batch_size: int = 16) -> Ite
         yield torch.stack([transform(Image.open(p).convert("RGB")) for p in paths[start : start + batch_size]])
 
 
-def _softmax(logits: torch.Tensor) -> np.ndarray:
-    return torch.softmax(logits.float(), dim=1).numpy()
+def _views(forward, batches: list[torch.Tensor], tta: int) -> np.ndarray:
+    """(N, V, C) logits of `tta` test-time views of each batch (view 0 is the image itself)."""
+    from pipelines.transforms import view_logits
+
+    with torch.inference_mode():
+        return np.concatenate([view_logits(forward, batch, tta).numpy() for batch in batches])
 
 
-def _compare(model: nn.Module, net: OnnxNet, batches: list[torch.Tensor], labels: np.ndarray | None,
-             class_names: list[str], malignant: list[str]) -> dict[str, Any]:
-    """Parity of an exported network against the eager one on the same preprocessed images (one view)."""
+def _agreement(reference: np.ndarray, probs: np.ndarray, labels: np.ndarray | None,
+               malignant_index: list[int]) -> dict[str, Any]:
+    """Largest probability difference, top-1 agreement and malignant-AUC change of `probs` against `reference`."""
     from sklearn.metrics import roc_auc_score
 
-    eager, exported = [], []
-    with torch.inference_mode():
-        for batch in batches:
-            eager.append(_softmax(model(batch)))
-            exported.append(_softmax(net(batch)[0]))
-    p_eager, p_onnx = np.concatenate(eager), np.concatenate(exported)
-    result: dict[str, Any] = {
-        "images": int(len(p_eager)),
-        "max_abs_prob_diff": float(np.abs(p_eager - p_onnx).max()),
-        "top1_agreement": float((p_eager.argmax(1) == p_onnx.argmax(1)).mean()),
-    }
-    index = [class_names.index(c) for c in malignant if c in class_names]
-    if labels is not None and index:
-        target = np.isin(labels, index).astype(int)
+    result: dict[str, Any] = {"max_abs_prob_diff": float(np.abs(reference - probs).max()),
+                              "top1_agreement": float((reference.argmax(1) == probs.argmax(1)).mean())}
+    if labels is not None and malignant_index:
+        target = np.isin(labels, malignant_index).astype(int)
         if 0 < target.sum() < len(target):
-            auc_eager = roc_auc_score(target, p_eager[:, index].sum(1))
-            auc_onnx = roc_auc_score(target, p_onnx[:, index].sum(1))
-            result.update(malignant_auc_eager=float(auc_eager), malignant_auc_change=float(auc_onnx - auc_eager))
+            before = roc_auc_score(target, reference[:, malignant_index].sum(1))
+            after = roc_auc_score(target, probs[:, malignant_index].sum(1))
+            result.update(malignant_auc_eager=float(before), malignant_auc_change=float(after - before))
     return result
 
 
-def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
-    """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on `batches`."""
+def _parity(eager: np.ndarray, exported: np.ndarray, labels: np.ndarray | None, class_names: list[str],
+            malignant: list[str], calibration: dict[str, Any] | None) -> dict[str, Any]:
+    """Parity of an exported network's (N, V, C) logits against the eager network's on the same images: one view
+    (uncalibrated softmax) at the top level, and `served` (every view calibrated, then averaged: what the predictor
+    returns) when there is more than one view."""
+    from pipelines.calibration import calibrated_probs
+
+    index = [class_names.index(c) for c in malignant if c in class_names]
+    result = {"images": int(len(eager)),
+              **_agreement(calibrated_probs(eager[:, :1], None), calibrated_probs(exported[:, :1], None), labels,
+                           index)}
+    if eager.shape[1] > 1:
+        result["served"] = {"views": int(eager.shape[1]), **_agreement(
+            calibrated_probs(eager, calibration), calibrated_probs(exported, calibration), labels, index)}
+    return result
+
+
+def float_nodes(graph: Any, convolutions: int) -> list[str]:
+    """The names of the first `convolutions` convolutions of an ONNX graph (in execution order) and of the Clip
+    that reads each one's output: the full-resolution layers int8 export may keep in float."""
+    convs = [node for node in graph.node if node.op_type == "Conv"][:convolutions]
+    outputs = {node.output[0] for node in convs}
+    clips = [node.name for node in graph.node if node.op_type == "Clip" and node.input[0] in outputs]
+    return [node.name for node in convs] + clips
+
+
+def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor], keep_float: int = 0) -> None:
+    """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on `batches`; the first
+    `keep_float` convolutions stay in float."""
+    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
@@ -200,55 +222,71 @@ def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor]) -> None:
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+        excluded = float_nodes(onnx.load(str(prepared)).graph, keep_float) if keep_float else []
         target = Path(scratch) / out.name
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
         os.replace(target, out)
 
 
 def export_bundle(bundle_dir: str | Path, manifest: str | Path | None = None, int8: bool = False,
-                  calibration_images: int = 256, parity_images: int = 256) -> dict[str, Any]:
+                  calibration_images: int = 256, parity_images: int | None = None,
+                  keep_float: int = 0) -> dict[str, Any]:
     """Export a bundle (each member of an ensemble) to ONNX and record the `export` block in its card.
 
-    `manifest` is the bundle's own manifest (its hash must match the card's): parity is measured on up to
-    `parity_images` of its validation images and int8 is calibrated on up to `calibration_images` training images.
-    Without it, parity is measured on random inputs and int8 cannot be calibrated.
+    `manifest` is the bundle's own manifest (its hash must match the card's): parity is measured on its validation
+    images (all of them, or the first `parity_images` of a seeded shuffle), one view and as served (the card's
+    test-time views, calibrated), and int8 is calibrated on up to `calibration_images` training images, with the
+    first `keep_float` convolutions left in float. Without a manifest, parity is measured on random inputs and int8
+    cannot be calibrated. int8 is `validated` when the served probabilities (one view for a bundle without
+    test-time augmentation) meet the rule: top-1 agreement >= 0.99 and |malignant AUC change| <= 0.005.
     """
+    from pipelines.transforms import card_tta
+
     bundle_dir = Path(bundle_dir)
     card = read_card(bundle_dir)
     if ENSEMBLE in card:
-        blocks = {folder: export_bundle(bundle_dir / folder, manifest, int8, calibration_images, parity_images)
+        blocks = {folder: export_bundle(bundle_dir / folder, manifest, int8, calibration_images, parity_images,
+                                        keep_float)
                   for folder in card[ENSEMBLE]["members"]}
         return {"members": blocks}
     if int8 and manifest is None:
         raise ValueError("int8 export is calibrated on the bundle's training images: give its manifest (--data)")
+    if keep_float < 0:
+        raise ValueError(f"keep_float {keep_float}: expected a number of convolutions >= 0")
     bundle = load_bundle(bundle_dir)
     model, size = bundle.model.eval(), bundle.input_size
     val_batches, val_labels, train_batches = _parity_images(bundle, manifest, calibration_images, parity_images)
     block: dict[str, Any] = {"opset": OPSET, "versions": _versions(),
                              "weights_sha256": file_sha256(bundle_dir / WEIGHTS_FILE)}
     fp32 = export_onnx(model, bundle_dir / ONNX_FILE, size)
-    net = OnnxNet(fp32)
-    names, malignant = bundle.class_names, bundle.malignant_classes
-    block["fp32"] = {"file": ONNX_FILE, "sha256": file_sha256(fp32),
-                     "parity": {**_compare(model, net, val_batches, val_labels, names, malignant),
-                                "on": "validation images of the manifest" if manifest else "random inputs"}}
+    names, malignant, calibration = bundle.class_names, bundle.malignant_classes, bundle.card.get("calibration")
+    eager = _views(model, val_batches, card_tta(bundle.card))
+    on = "validation images of the manifest" if manifest else "random inputs"
+
+    def parity_of(path: Path) -> dict[str, Any]:
+        net = OnnxNet(path)
+        exported = _views(lambda x: net(x)[0], val_batches, eager.shape[1])
+        return {**_parity(eager, exported, val_labels, names, malignant, calibration), "on": on}
+
+    block["fp32"] = {"file": ONNX_FILE, "sha256": file_sha256(fp32), "parity": parity_of(fp32)}
     log.info("%s: fp32 ONNX written, max |Δp| %.2e against eager", bundle_dir, block["fp32"]["parity"]
              ["max_abs_prob_diff"])
     if int8:
         target = bundle_dir / INT8_FILE
-        _quantize_int8(fp32, target, train_batches)
-        parity = _compare(model, OnnxNet(target), val_batches, val_labels, names, malignant)
-        validated = (parity["top1_agreement"] >= INT8_MIN_AGREEMENT
-                     and abs(parity.get("malignant_auc_change", 0.0)) <= INT8_MAX_AUC_CHANGE)
+        _quantize_int8(fp32, target, train_batches, keep_float)
+        parity = parity_of(target)
+        judged = parity.get("served", parity)
+        validated = (judged["top1_agreement"] >= INT8_MIN_AGREEMENT
+                     and abs(judged.get("malignant_auc_change", 0.0)) <= INT8_MAX_AUC_CHANGE)
         block["int8"] = {"file": INT8_FILE, "sha256": file_sha256(target), "format": "QDQ, per-channel int8 "
-                         "weights, uint8 activations", "calibrated_on": f"{len(torch.cat(train_batches))} training "
-                         "images of the manifest", "parity": {**parity, "on": "validation images of the manifest"},
-                         "validated": bool(validated),
-                         "rule": f"top-1 agreement ≥ {INT8_MIN_AGREEMENT}, |malignant AUC change| ≤ "
+                         "weights, uint8 activations", "float_convolutions": keep_float,
+                         "calibrated_on": f"{len(torch.cat(train_batches))} training images of the manifest",
+                         "parity": parity, "validated": bool(validated),
+                         "rule": f"served top-1 agreement ≥ {INT8_MIN_AGREEMENT}, |served malignant AUC change| ≤ "
                                  f"{INT8_MAX_AUC_CHANGE}"}
-        log.info("%s: int8 ONNX written; top-1 agreement %.3f, validated: %s", bundle_dir, parity["top1_agreement"],
-                 validated)
+        log.info("%s: int8 ONNX written; served top-1 agreement %.3f, validated: %s", bundle_dir,
+                 judged["top1_agreement"], validated)
     else:
         stale = bundle_dir / INT8_FILE
         if stale.exists():
@@ -258,7 +296,7 @@ def export_bundle(bundle_dir: str | Path, manifest: str | Path | None = None, in
 
 
 def _parity_images(bundle, manifest: str | Path | None, n_train: int,
-                   n_val: int) -> tuple[list[torch.Tensor], np.ndarray | None, list[torch.Tensor]]:
+                   n_val: int | None) -> tuple[list[torch.Tensor], np.ndarray | None, list[torch.Tensor]]:
     """Preprocessed validation batches (+ labels) and training batches from the bundle's manifest, or random inputs."""
     from pipelines.manifest import manifest_sha256, read_manifest
     from pipelines.transforms import card_transform
@@ -274,7 +312,8 @@ def _parity_images(bundle, manifest: str | Path | None, n_train: int,
     table = read_manifest(manifest)
     real = table[table.source == "real"] if "source" in table.columns else table
     transform = card_transform(bundle.card)
-    val = real[real.split == "val"].sample(frac=1.0, random_state=0).head(n_val)
+    val = real[real.split == "val"].sample(frac=1.0, random_state=0)
+    val = val if n_val is None else val.head(n_val)
     train = real[real.split == "train"].sample(frac=1.0, random_state=0).head(n_train)
     if val.empty:
         raise ValueError(f"manifest '{manifest}' has no validation images to measure parity on")

@@ -18,38 +18,16 @@ from pipelines.calibration import calibrated_probs
 from pipelines.export import onnx_net_of
 from pipelines.images import IMAGE_SUFFIXES, ImageError, ImageLimits, load_image
 from pipelines.ood import detector_of, first_view_features, head_inputs
-from pipelines.transforms import card_transform, dihedral_views
+from pipelines.transforms import (
+    MAX_FORWARD_BATCH,
+    card_transform,
+    card_tta,
+    check_tta,
+    dihedral_views,
+    view_logits,
+)
 
 log = logging.getLogger(__name__)
-
-
-TTA_CHOICES = (1, 8)
-MAX_FORWARD_BATCH = 64
-
-
-def card_tta(card: dict) -> int:
-    """How many test-time-augmentation views a bundle was validated with (1 for bundles that do not say)."""
-    return int((card.get("inference") or {}).get("tta", 1))
-
-
-def check_tta(tta: int) -> int:
-    if tta not in TTA_CHOICES:
-        raise ValueError(f"test-time augmentation takes {' or '.join(map(str, TTA_CHOICES))} views, got {tta}")
-    return tta
-
-
-def view_logits(model: torch.nn.Module, batch: torch.Tensor, tta: int = 1) -> torch.Tensor:
-    """(N, V, C) float32 logits of V = `tta` dihedral views of an NCHW batch (one forward over all views)."""
-    check_tta(tta)
-    if tta == 1:
-        return model(batch).float()[:, None]
-    layout = torch.channels_last if batch.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-    views = [view.contiguous(memory_format=layout) for view in dihedral_views(batch)]
-    if len(batch) * len(views) <= MAX_FORWARD_BATCH:  # one forward over all views (serving: batch 1 -> 8)
-        logits = model(torch.cat(views)).float().reshape(len(views), len(batch), -1)
-    else:  # large CPU batches run slower per image than several small ones
-        logits = torch.stack([model(view).float() for view in views])
-    return logits.transpose(0, 1)
 
 
 def dataset_logits(

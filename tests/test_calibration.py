@@ -14,8 +14,15 @@ from PIL import Image
 
 from models.bundle import load_bundle, save_bundle, save_ensemble
 from pipelines.calibration import calibrated_probs, fit_calibration, negative_log_likelihood
-from pipelines.prediction import Predictor, view_logits
-from pipelines.transforms import card_transform, dihedral_views, eval_transform, shades_of_gray, train_transform
+from pipelines.prediction import Predictor
+from pipelines.transforms import (
+    card_transform,
+    dihedral_views,
+    eval_transform,
+    shades_of_gray,
+    train_transform,
+    view_logits,
+)
 from tests.conftest import HAM_SAMPLE
 
 

@@ -131,3 +131,37 @@ def test_ensemble_export_exports_each_member(tiny_bundle: Path, small_manifest: 
     images = _images(small_manifest, 4)
     np.testing.assert_allclose(Predictor.from_path(tmp_path / "ens").predict(images),
                                Predictor.from_path(tmp_path / "ens", engine="eager").predict(images), atol=1e-4)
+
+
+def test_int8_keeps_the_first_convolutions_in_float_and_is_judged_as_served(tiny_bundle: Path, small_manifest: Path,
+                                                                            tmp_path: Path):
+    import onnx
+
+    from pipelines.export import export_bundle, float_nodes
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_bundle, bundle)
+    card = json.loads((bundle / "card.json").read_text())
+    card["inference"] = {"tta": 8}
+    (bundle / "card.json").write_text(json.dumps(card))
+    with pytest.raises(ValueError, match="keep_float -1"):
+        export_bundle(bundle, small_manifest, int8=True, keep_float=-1)
+    block = export_bundle(bundle, small_manifest, int8=True, calibration_images=32, keep_float=2)
+
+    fp32 = onnx.load(str(bundle / "model.onnx")).graph
+    first_two = [n.input[1] for n in fp32.node if n.op_type == "Conv"][:2]
+    assert float_nodes(fp32, 2)[:2] == [n.name for n in fp32.node if n.op_type == "Conv"][:2]
+    int8 = onnx.load(str(bundle / "model.int8.onnx")).graph
+    produced_by = {out: node.op_type for node in int8.node for out in node.output}
+    in_float = [n.input[1] for n in int8.node if n.op_type == "Conv" and produced_by.get(n.input[1]) is None]
+    quantized = [n for n in int8.node if n.op_type == "Conv" and produced_by.get(n.input[1]) == "DequantizeLinear"]
+    assert in_float == first_two and quantized  # exactly the first two stay float, the rest is int8
+    assert block["int8"]["float_convolutions"] == 2
+
+    for entry in ("fp32", "int8"):  # one view at the top level, the 8 calibrated views under `served`
+        parity = block[entry]["parity"]
+        assert parity["served"]["views"] == 8 and parity["images"] == 28
+    assert block["fp32"]["parity"]["served"]["max_abs_prob_diff"] < 1e-4
+    served = block["int8"]["parity"]["served"]
+    expected = served["top1_agreement"] >= 0.99 and abs(served.get("malignant_auc_change", 0.0)) <= 0.005
+    assert block["int8"]["validated"] is expected

@@ -124,7 +124,7 @@ def _rescore(source: _Source, head: nn.Linear, transform: Any, sensitivity: floa
     from pipelines.data import ImageDataset
     from pipelines.evaluation import add_score_intervals
     from pipelines.evaluation.scoring import calibrate_and_score
-    from pipelines.prediction import card_tta
+    from pipelines.transforms import card_tta
 
     model, rows = source.model, source.rows
     model.head = head.to(next(model.parameters()).device)

@@ -58,11 +58,13 @@ def _predict_images(args: argparse.Namespace) -> None:
 def _cmd_export(args: argparse.Namespace) -> None:
     from pipelines.export import export_bundle
 
-    block = export_bundle(args.bundle, args.data, int8=args.int8, calibration_images=args.calibration_images)
+    block = export_bundle(args.bundle, args.data, int8=args.int8, calibration_images=args.calibration_images,
+                          keep_float=args.int8_keep_float)
     for folder, member in (block["members"].items() if "members" in block else [(".", block)]):
         parts = [f"fp32 max |Δp| {member['fp32']['parity']['max_abs_prob_diff']:.1e}"]
         if "int8" in member:
             parity = member["int8"]["parity"]
+            parity = parity.get("served", parity)
             parts.append(f"int8 top-1 agreement {parity['top1_agreement']:.3f}, "
                          f"validated: {member['int8']['validated']}")
         print(f"{Path(args.bundle) / folder}: " + "; ".join(parts))
@@ -92,5 +94,7 @@ def add_cli(sub: argparse._SubParsersAction) -> None:
                    "its training images (required with --int8)")
     p.add_argument("--int8", action="store_true", help="also write model.int8.onnx (static QDQ quantization)")
     p.add_argument("--calibration-images", type=int, default=256, help="training images for the int8 calibration")
+    p.add_argument("--int8-keep-float", type=int, default=0, metavar="K",
+                   help="leave the first K convolutions (the full-resolution ones) in float in the int8 file")
     p.set_defaults(func=_cmd_export)
 

@@ -162,7 +162,7 @@ def _rescore(model: nn.Module, inputs: _Inputs, eval_ds: Any,
     from pipelines.calibration import calibration_method_of
     from pipelines.data import ImageDataset
     from pipelines.evaluation import add_score_intervals, calibrate_and_score
-    from pipelines.prediction import card_tta
+    from pipelines.transforms import card_tta
 
     bundle = inputs.bundle
     class_names, malignant = bundle.class_names, bundle.malignant_classes
@@ -223,7 +223,7 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     from models.bundle import save_bundle
     from pipelines.data import ImageDataset
     from pipelines.evaluation import check_training_overlap, source_metrics
-    from pipelines.prediction import card_tta
+    from pipelines.transforms import card_tta
 
     torch.manual_seed(settings.seed)
     inputs = _read_inputs(bundle_dir, manifest_path, settings)
