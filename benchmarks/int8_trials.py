@@ -8,7 +8,8 @@
 Each trial quantizes the bundle's `model.onnx` (QDQ, per-channel int8 weights, uint8 activations, calibrated on 256
 training images of the manifest, as `lesionlab export --int8` does) with one change, and prints one JSON line with
 the parity that `lesionlab export` records (top-1 agreement and malignant-AUC change against eager on 256
-validation images; one view, uncalibrated softmax). The export's rule: agreement >= 0.99 and |AUC change| <= 0.005.
+validation images; one view, uncalibrated softmax; `--split test`: all test images instead, to report a setting
+chosen on validation). The export's rule: agreement >= 0.99 and |AUC change| <= 0.005.
 
 `first:K` keeps the first K convolutions (and the clip after each) in float, as `lesionlab export --int8
 --int8-keep-float K` does; `excl:G1+G2` keeps those of the named groups in float: `stem`, `block0` ... `block15`
@@ -48,6 +49,20 @@ def conv_groups(graph) -> dict[str, list[str]]:
     return groups
 
 
+def test_images(bundle, manifest: str) -> tuple[list, object]:
+    """The manifest's real test images, preprocessed as the bundle does, in batches of 16, and their labels."""
+    import numpy as np
+
+    from pipelines.export import _image_batches
+    from pipelines.manifest import read_manifest
+    from pipelines.transforms import card_transform
+
+    table = read_manifest(manifest)
+    test = table[(table.split == "test") & (table.source == "real")]
+    labels = np.array([bundle.class_names.index(c) for c in test.label])
+    return list(_image_batches(list(test.path), card_transform(bundle.card))), labels
+
+
 def main() -> None:
     import onnx
     import torch
@@ -68,12 +83,16 @@ def main() -> None:
     parser.add_argument("--bundle", required=True)
     parser.add_argument("--manifest", required=True, help="the bundle's own manifest")
     parser.add_argument("--served", action="store_true", help="also measure the served (test-time views) parity")
+    parser.add_argument("--split", choices=("val", "test"), default="val",
+                        help="parity on 256 validation images (choosing settings) or on the whole test split")
     parser.add_argument("trials", nargs="+")
     args = parser.parse_args()
     torch.set_num_threads(1)
     bundle = load_bundle(args.bundle)
     model = bundle.model.eval()
     val, labels, train = _parity_images(bundle, args.manifest, 256, 256)
+    if args.split == "test":
+        val, labels = test_images(bundle, args.manifest)
     scratch = Path(tempfile.mkdtemp())
     prepared = scratch / "prepared.onnx"
     quant_pre_process(str(Path(args.bundle) / ONNX_FILE), str(prepared), skip_symbolic_shape=True)

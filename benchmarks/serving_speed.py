@@ -85,6 +85,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serving_speed"))
     parser.add_argument("--work", type=Path, default=Path("runs/serving_speed"))
     parser.add_argument("--runs", type=int, default=100)
+    parser.add_argument("--int8-keep-float", type=int, default=0, metavar="K",
+                        help="as `lesionlab export --int8-keep-float`: the first K convolutions stay in float")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -99,7 +101,7 @@ def main() -> None:
     export_seconds = {}
     for name, folder in copies.items():
         started = time.perf_counter()
-        export_bundle(folder, manifest_path, int8=True)
+        export_bundle(folder, manifest_path, int8=True, keep_float=args.int8_keep_float)
         export_seconds[name] = time.perf_counter() - started
     manifest = read_manifest(manifest_path)
     test = manifest[(manifest.split == "test") & (manifest.source == "real")]
@@ -117,8 +119,8 @@ def main() -> None:
                  (f"ONNX fp32{tag}", lambda t, f=folder: _onnx(f / "model.onnx", t)),
                  (f"ONNX int8{tag}", lambda t, f=folder: _onnx(f / "model.int8.onnx", t))]
         parity = bundle.card["export"]["int8"]["parity"]
-        log.info("%s: int8 top-1 agreement %.3f, malignant AUC change %s (validation)", name,
-                 parity["top1_agreement"], parity.get("malignant_auc_change"))
+        log.info("%s: int8 top-1 agreement %.3f, malignant AUC change %s (validation, one view); served: %s", name,
+                 parity["top1_agreement"], parity.get("malignant_auc_change"), parity.get("served"))
     rows, reference = [], None
     for label, make in arms:
         row = {"arm": label}

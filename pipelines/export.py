@@ -6,8 +6,9 @@ bundle and an `export` block into its card: opset, library versions, the SHA-256
 and of each file, and the parity measured against the eager network. The exported graph has two outputs, the logits
 and the input of the linear head (the features the out-of-distribution score reads), so nothing the eager path
 gives is lost. int8 uses ONNX Runtime's static quantization in QDQ format with per-channel weights, calibrated on
-training images of the bundle's own manifest; it is marked `validated` (and used by default) only when, on the
-validation images, its top-1 agrees with the eager network on at least 99 % of images and its malignant AUC moves
+training images of the bundle's own manifest (the first K convolutions may stay in float); it is marked `validated`
+(and used by default) only when, on the validation images and as the predictor serves them (the card's test-time
+views, calibrated), its top-1 agrees with the eager network on at least 99 % of images and its malignant AUC moves
 by at most 0.005.
 """
 
