@@ -85,3 +85,13 @@ def test_extreme_shapes_and_tiny_images_get_a_warning_not_a_refusal():
     assert len(strip) == 2 and "250 times wider than it is tall" in strip[0] and "small (10000 x 40 px)" in strip[1]
     assert "taller" in scope_warnings(100, 400, 64)[0]
     assert "ll-warning" in warnings_html(strip) and warnings_html([]) == ""
+
+
+def test_the_card_says_when_a_validated_8_bit_network_serves_and_whose_figures_are_shown():
+    card = {"class_names": ["mel", "nv"], "export": {"int8": {"validated": False,
+                                                               "parity": {"served": {"top1_agreement": 0.9}}}}}
+    assert "8-bit" not in card_markdown("m", card)
+    card["export"]["int8"].update(validated=True, parity={"top1_agreement": 0.98, "served": {"top1_agreement": 0.994}})
+    text = card_markdown("m", card)
+    assert "8-bit network" in text and "on 99 % of the validation images" in text
+    assert "full-precision network's" in text
