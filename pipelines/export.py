@@ -91,7 +91,7 @@ class OnnxNet:
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle ONNX Runtime threads would otherwise spin between runs and take the cores that the next image's
-        # preprocessing (PyTorch ops) needs: one-view int8 prediction at 2 threads ran about 1.8x slower that way.
+        # preprocessing (PyTorch ops) needs: one-view int8 prediction at 2 threads was slower than at 1 that way.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.path = path
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
