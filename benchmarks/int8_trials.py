@@ -66,17 +66,11 @@ def test_images(bundle, manifest: str) -> tuple[list, object]:
 def main() -> None:
     import onnx
     import torch
-    from onnxruntime.quantization import (
-        CalibrationDataReader,
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     from models.bundle import load_bundle
-    from pipelines.export import ONNX_FILE, OnnxNet, _parity, _parity_images, _views, float_nodes
+    from pipelines.export import ONNX_FILE, OnnxNet, _parity, _parity_images, _views, float_nodes, quantize_prepared
     from pipelines.transforms import card_tta
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -121,18 +115,10 @@ def main() -> None:
     views = card_tta(bundle.card) if args.served else 1
     eager = _views(model, val, views)
 
-    class Reader(CalibrationDataReader):
-        def __init__(self) -> None:
-            self.items = iter([{"image": batch.numpy()} for batch in train])
-
-        def get_next(self):
-            return next(self.items, None)
-
     for name in args.trials:
         started = time.time()
         out = scratch / f"{name.replace(':', '_').replace('+', '_')}.onnx"
-        quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **trials[name])
+        quantize_prepared(prepared, out, train, **trials[name])  # the export's settings, with the trial's change
         net = OnnxNet(out)
         parity = _parity(eager, _views(lambda x, net=net: net(x)[0], val, views), labels, bundle.class_names,
                          bundle.malignant_classes, bundle.card.get("calibration"))

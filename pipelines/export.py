@@ -209,12 +209,11 @@ def float_nodes(graph: Any, convolutions: int) -> list[str]:
     return [node.name for node in convs] + clips
 
 
-def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor], keep_float: int = 0) -> None:
-    """Static int8 quantization (QDQ, per-channel weights, uint8 activations) calibrated on `batches`; the first
-    `keep_float` convolutions stay in float."""
-    import onnx
+def quantize_prepared(prepared: Path, out: Path, batches: list[torch.Tensor], **options: Any) -> None:
+    """ONNX Runtime static quantization of a pre-processed model with the export's settings (QDQ, per-channel int8
+    weights, uint8 activations), calibrated on `batches`; `options` are further `quantize_static` settings
+    (`nodes_to_exclude`, `calibrate_method`)."""
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
 
     class Reader(CalibrationDataReader):
         def __init__(self) -> None:
@@ -223,13 +222,22 @@ def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor], keep_floa
         def get_next(self) -> dict[str, np.ndarray] | None:
             return next(self.items, None)
 
+    quantize_static(str(prepared), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, **options)
+
+
+def _quantize_int8(fp32: Path, out: Path, batches: list[torch.Tensor], keep_float: int = 0) -> None:
+    """Static int8 quantization of `fp32` into `out` (`quantize_prepared`); the first `keep_float` convolutions stay
+    in float."""
+    import onnx
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
     with tempfile.TemporaryDirectory(dir=out.parent) as scratch:
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
         excluded = float_nodes(onnx.load(str(prepared)).graph, keep_float) if keep_float else []
         target = Path(scratch) / out.name
-        quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=excluded)
+        quantize_prepared(prepared, target, batches, nodes_to_exclude=excluded)
         os.replace(target, out)
 
 
