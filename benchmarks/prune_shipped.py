@@ -114,6 +114,25 @@ def prune(args: argparse.Namespace) -> None:
           f"{report['after']['accuracy']['balanced_accuracy']:.4f} in {minutes:.1f} min")
 
 
+def control(args: argparse.Namespace) -> None:
+    """The pruning fine-tune applied to the unpruned shipped net (`pipelines.pruning.fine_tune_control`): what the
+    fine-tune alone does to its validation scores, one row per setting in control.jsonl."""
+    from pipelines.pruning import fine_tune_control
+
+    settings = PruningConfig(fine_tune_epochs=args.epochs, fine_tune_lr=args.lr, fine_tune_ema=args.ema,
+                             seed=args.seed)
+    out = Path(args.out) / f"control_lr{args.lr:g}_ema{args.ema:g}_e{args.epochs}_seed{args.seed}"
+    started = time.perf_counter()
+    record = fine_tune_control(BUNDLE, args.manifest, out, settings, stages=args.stages)
+    record.update(command=" ".join(sys.argv), date=time.strftime("%Y-%m-%d"),
+                  minutes=(time.perf_counter() - started) / 60)
+    with open(Path(args.out) / "control.jsonl", "a") as f:
+        f.write(json.dumps(record, default=float) + "\n")
+    for row in record["stages"]:
+        print(f"stage {row['stage']}: validation balanced accuracy {row['balanced_accuracy']:.4f}, "
+              f"malignant AUC {row['malignant_auc']:.4f}")
+
+
 def _test_probs(bundle: Path, manifest: str, engine: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(labels, probabilities, class names) of a bundle as it serves (`engine` auto: the ONNX export when the bundle
     has one, which `lesionlab predict` uses), on the manifest's test split."""
@@ -184,6 +203,15 @@ def main() -> None:
                    help="fine-tuning epochs after each stage")
     p.add_argument("--bootstrap", type=int, default=PruningConfig().bootstrap)
     p.set_defaults(func=prune)
+    p = sub.add_parser("control", help="the pruning fine-tune alone, on the unpruned net (validation)")
+    p.add_argument("--manifest", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--lr", type=float, default=PruningConfig().fine_tune_lr)
+    p.add_argument("--ema", type=float, default=PruningConfig().fine_tune_ema, help="EMA decay (0: off)")
+    p.add_argument("--epochs", type=int, default=1, help="fine-tuning epochs per stage")
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=control)
     p = sub.add_parser("summary", help="3 seeds against the shipped bundle on the test split")
     p.add_argument("--manifest", required=True)
     p.add_argument("--out", required=True)

@@ -350,6 +350,9 @@ class PruningConfig(Section):
     )
     fine_tune_epochs: int = Field(3, ge=0, description="fine-tuning epochs after each stage (0: none)")
     fine_tune_lr: float = Field(5e-4, gt=0, description="fine-tuning learning rate")
+    fine_tune_ema: float = Field(
+        0.0, ge=0, lt=1, description="EMA decay of the fine-tuned weights (0: off); the EMA is what each stage keeps"
+    )
     batch_size: int = Field(32, ge=1)
     max_steps_per_epoch: int | None = Field(None, ge=1)
     eval_split: str = Field("test", description="split the before/after report uses")

@@ -9,7 +9,13 @@ parameters, latency), `report` (before / after accuracy, `pruning_report.md`) an
 
 from __future__ import annotations
 
-from pipelines.pruning.bundle import load_pruning_config, prune_bundle, run_pruning_stage, served_probs
+from pipelines.pruning.bundle import (
+    fine_tune_control,
+    load_pruning_config,
+    prune_bundle,
+    run_pruning_stage,
+    served_probs,
+)
 from pipelines.pruning.data import balanced_calibration_rows, batchnorm_rows
 from pipelines.pruning.finetune import (
     distillation_for,
@@ -75,6 +81,7 @@ __all__ = [
     "distillation_for",
     "distillation_loss",
     "filter_group",
+    "fine_tune_control",
     "fine_tune_settings",
     "hrank_scores",
     "kept_channels",

@@ -28,7 +28,7 @@ from pipelines.pruning.report import accuracy_report, minority_classes_of, write
 from pipelines.pruning.search import PruneResult, prune_to_flops
 from pipelines.stage import StageOutputs
 
-__all__ = ["load_pruning_config", "prune_bundle", "run_pruning_stage", "served_probs"]
+__all__ = ["fine_tune_control", "load_pruning_config", "prune_bundle", "run_pruning_stage", "served_probs"]
 
 log = logging.getLogger(__name__)
 
@@ -264,6 +264,42 @@ def prune_bundle(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str
     save_bundle(out_dir, model, new_card)
     write_pruning_report(report, out_dir)
     return report
+
+
+def fine_tune_control(bundle_dir: str | Path, manifest_path: str | Path, out_dir: str | Path,
+                      settings: PruningConfig, stages: int = 1) -> dict[str, Any]:
+    """The control of a pruning run: the same fine-tune (`settings`' epochs, learning rate, EMA, distillation,
+    the bundle's loss and sampler, BatchNorm re-estimated after it) applied `stages` times to the unpruned net.
+
+    What it does to the net's validation scores is what the fine-tune alone costs or gains, apart from any filter
+    removed. Returns the validation balanced accuracy and malignant AUC (one view, softmax) before and after each
+    stage."""
+    from pipelines.data import ImageDataset
+    from pipelines.evaluation import compute_metrics
+    from pipelines.pruning.search import recalibrate_batchnorm
+
+    if stages < 1:
+        raise ValueError(f"control stages {stages}: expected >= 1")
+    torch.manual_seed(settings.seed)
+    inputs = _read_inputs(bundle_dir, manifest_path, settings)
+    bundle = inputs.bundle
+    val_ds = ImageDataset(inputs.val, bundle.class_names, inputs.evaluate, cache_images=True)
+
+    def scores(model: nn.Module) -> dict[str, float]:
+        labels, probs = served_probs(model, val_ds, None, 1)
+        metrics = compute_metrics(labels, probs, bundle.class_names, bundle.malignant_classes)
+        return {"balanced_accuracy": float(metrics["balanced_accuracy"]),
+                "malignant_auc": float(metrics["malignant_auc"])}
+
+    fine_tune = _fine_tuner(inputs, settings, Path(out_dir))
+    model = copy.deepcopy(bundle.model)
+    rows = [{"stage": 0, **scores(model)}]
+    for stage in range(1, stages + 1):
+        model = fine_tune(model, stage)
+        recalibrate_batchnorm(model, inputs.batchnorm, str(next(model.parameters()).device))
+        rows.append({"stage": stage, **scores(model)})
+        log.info("control stage %d: %s", stage, rows[-1])
+    return {"settings": settings.model_dump(), "split": "val", "images": len(val_ds), "views": 1, "stages": rows}
 
 
 def run_pruning_stage(config: Any, run_dir: str | Path, manifest_path: str | Path | None = None) -> StageOutputs:

@@ -91,12 +91,12 @@ def distillation_for(teacher: nn.Module, loss_fn: Callable[[torch.Tensor, torch.
 def fine_tune_settings(settings: PruningConfig, class_weighting: str, device: str = "cpu",
                        epochs: int | None = None) -> TrainSettings:
     """The trainer settings of the fine-tune after a pruning stage: `settings`' epochs (or `epochs`), learning rate,
-    batch size and step cap; no warm-up, no early stop, no weight averaging."""
+    batch size, step cap and EMA decay (`fine_tune_ema`); no warm-up, no early stop."""
     epochs = settings.fine_tune_epochs if epochs is None else epochs
     return TrainSettings(
         epochs=epochs, batch_size=settings.batch_size, lr=settings.fine_tune_lr, warmup_epochs=0,
         patience=max(1, epochs), max_steps_per_epoch=settings.max_steps_per_epoch, device=device, seed=settings.seed,
-        resume=False, class_weighting=class_weighting, ema_decay=0.0,
+        resume=False, class_weighting=class_weighting, ema_decay=settings.fine_tune_ema,
     )
 
 
