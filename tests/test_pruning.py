@@ -303,12 +303,12 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
           "--out", str(tmp_path / "pruned"), "--method", "beta-rank", "--flops-reduction", "0.4",
           "--epochs", "1", "--max-steps-per-epoch", "2", "--calibration-per-class", "3", "--speed-runs", "3",
           "--batchnorm-images", "8", "--round-to", "1", "--distill-weight", "1", "--distill-temperature", "3",
-          "--distill-class-weighted", "--layer-ratio", "backbone.features.0=0.5"])
+          "--distill-class-weighted", "--layer-ratio", "backbone.features.0=0.5", "--fine-tune-ema", "0.9"])
     assert "fewer" in capsys.readouterr().out
     report = json.loads((tmp_path / "pruned" / "pruning_report.json").read_text())
     assert report["after"]["flops"] < 0.62 * report["before"]["flops"]
     assert report["calibration_counts"] == {c: 3 for c in classes}
-    assert report["settings"]["batchnorm_images"] == 8
+    assert (report["settings"]["batchnorm_images"], report["settings"]["fine_tune_ema"]) == (8, 0.9)
     assert (report["settings"]["round_to"], report["settings"]["distill_weight"]) == (1, 1.0)
     assert (report["settings"]["distill_temperature"], report["settings"]["distill_class_weighted"]) == (3.0, True)
     assert set(report["after"]["accuracy"]) >= {"balanced_accuracy", "malignant_auc", "minority_recall"}
@@ -332,6 +332,39 @@ def test_prune_cli_on_the_sample(tmp_path, capsys):
                  "--out", str(tmp_path / "x"), "--layer-ratio", "backbone.nope=0.5", "--speed-runs", "2"])
     assert code == 2 and "'backbone.nope', which is not a convolution" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_fine_tune_control_scores_the_unpruned_net_before_and_after_each_fine_tune(tmp_path):
+    from pipelines.config import PruningConfig
+    from pipelines.manifest import grouped_split, ingest_ham10000, write_manifest
+
+    manifest = grouped_split(ingest_ham10000(SAMPLE), 0.15, 0.15, seed=0)
+    write_manifest(manifest, tmp_path / "manifest.csv")
+    classes = sorted(manifest.label.unique())
+    torch.manual_seed(0)
+    model = build_model("small-cnn", num_classes=len(classes), img_size=32, widths=(8, 16))
+    card = {"architecture": {"name": "small-cnn", "kwargs": {"widths": [8, 16]}}, "class_names": classes,
+            "malignant_classes": ["mel", "bcc", "akiec"], "input_size": 32,
+            "normalization": {"mean": [0.5] * 3, "std": [0.5] * 3},
+            "training": {"class_weighting": "inverse", "sampler": "sqrt"}}
+    save_bundle(tmp_path / "bundle", model, card)
+    before = {k: v.clone() for k, v in load_bundle(tmp_path / "bundle").model.state_dict().items()}
+    settings = PruningConfig(fine_tune_epochs=1, fine_tune_lr=0.01, fine_tune_ema=0.5, max_steps_per_epoch=2,
+                             batch_size=8, batchnorm_images=8)
+    record = pruning.fine_tune_control(tmp_path / "bundle", tmp_path / "manifest.csv", tmp_path / "control", settings,
+                                       stages=2)
+    val = (manifest.split == "val").sum()
+    assert (record["split"], record["images"], record["views"]) == ("val", val, 1)
+    assert [row["stage"] for row in record["stages"]] == [0, 1, 2]
+    assert all(0 <= row["balanced_accuracy"] <= 1 for row in record["stages"])
+    assert record["settings"]["fine_tune_ema"] == 0.5
+    assert (tmp_path / "control" / "finetune" / "stage2").is_dir()
+    # the bundle on disk is untouched
+    after = load_bundle(tmp_path / "bundle").model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    with pytest.raises(ValueError, match="control stages 0"):
+        pruning.fine_tune_control(tmp_path / "bundle", tmp_path / "manifest.csv", tmp_path / "c0", settings,
+                                  stages=0)
 
 
 def test_batchnorm_recalibration_matches_the_statistics_of_the_data():
@@ -502,6 +535,8 @@ def test_stage_fine_tuner_trains_each_stage_in_its_own_folder_with_the_pruning_s
     assert (train_settings.max_steps_per_epoch, train_settings.seed, train_settings.warmup_epochs) == (3, 5, 0)
     assert (train_settings.class_weighting, train_settings.ema_decay, train_settings.resume) == ("inverse", 0, False)
     assert pruning.fine_tune_settings(settings, "none", epochs=6).epochs == 6
+    ema = settings.model_copy(update={"fine_tune_ema": 0.99})
+    assert pruning.fine_tune_settings(ema, "none").ema_decay == 0.99
 
     torch.manual_seed(0)
     x, y = torch.randn(16, 3, 4, 4), torch.arange(16) % 2
