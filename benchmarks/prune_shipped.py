@@ -134,8 +134,8 @@ def control(args: argparse.Namespace) -> None:
 
 
 def _test_probs(bundle: Path, manifest: str, engine: str) -> tuple[np.ndarray, np.ndarray, list[str]]:
-    """(labels, probabilities, class names) of a bundle as it serves (`engine` auto: the ONNX export when the bundle
-    has one, which `lesionlab predict` uses), on the manifest's test split."""
+    """(labels, probabilities, class names) of a bundle as `lesionlab predict --engine ENGINE` serves it (the card's
+    views, calibrated), on the manifest's test split."""
     from pipelines.images import load_image
     from pipelines.manifest import read_manifest
     from pipelines.prediction import Predictor
@@ -154,12 +154,14 @@ def summary(args: argparse.Namespace) -> None:
     from pipelines.evaluation import compute_metrics, paired_bootstrap_delta
 
     folders = sorted(p for p in Path(args.out).glob(f"{args.candidate}_seed*") if (p / "card.json").is_file())
-    labels, reference, names = _test_probs(BUNDLE, args.manifest, "auto")
+    # the full-precision export (equal to eager within 4e-6), not the int8 file `auto` serves: the rule compares
+    # the pruned nets, which run in full precision, with the unpruned one at the same precision
+    labels, reference, names = _test_probs(BUNDLE, args.manifest, "onnx")
     card = json.loads((BUNDLE / "card.json").read_text())
     malignant = card["malignant_classes"]
     runs, per_seed = [], []
     for folder in folders:
-        seed_labels, probs, seed_names = _test_probs(folder, args.manifest, "auto")
+        seed_labels, probs, seed_names = _test_probs(folder, args.manifest, "eager")
         assert seed_names == names and (seed_labels == labels).all()
         runs.append(probs)
         metrics = compute_metrics(labels, probs, names, malignant)
